@@ -1,0 +1,406 @@
+//! A retry budget shared by every clone: retries stay a bounded fraction of traffic.
+//!
+//! Each first attempt [deposits](RetryBudget::deposit) `retry_ratio` of a
+//! retry; each retry [withdraws](RetryBudget::withdraw) one whole retry and is
+//! refused when the balance cannot pay. Deposits expire after `ttl`, so the
+//! budget follows recent traffic, and a floor of `min_per_sec` retries per
+//! second keeps low-traffic clients able to retry at all. These are the
+//! semantics of Finagle's `RetryBudget` and tower's `TpsBudget`: with a ratio
+//! of 0.2, a storm where every call fails costs the upstream at most about
+//! 1.2 attempts per call, however many retries each call is allowed.
+//!
+//! The balance lives in ten time buckets spanning `ttl`, each one atomic word
+//! (epoch and balance packed together), so deposits and withdrawals are
+//! lock-free compare-and-swap loops. Time comes from [`tokio::time::Instant`],
+//! so a paused test clock drives expiry; the `*_at` methods take the instant
+//! explicitly for tests without a runtime.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_overload::budget::RetryBudget;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! // 20% of traffic, and at least 1 retry a second over a 10 s window.
+//! let budget = RetryBudget::new(Duration::from_secs(10), 1, 0.2);
+//! let shared = budget.clone();
+//! for _ in 0..100 {
+//!     shared.deposit();
+//! }
+//! let granted = (0..1000).filter(|_| budget.withdraw()).count();
+//! assert_eq!(granted, 100 / 5 + 10); // the ratio's share, plus the floor's reserve
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+const BUCKETS: usize = 10;
+/// Units per whole retry: deposits are fractions of a retry, in thousandths.
+const RETRY_COST: i64 = 1000;
+const MIN_TTL: Duration = Duration::from_millis(100);
+const MAX_TTL: Duration = Duration::from_secs(3600);
+const MAX_RATIO: f32 = 1000.0;
+
+/// A retry budget; clones share one balance.
+#[derive(Clone)]
+pub struct RetryBudget {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    origin: Instant,
+    bucket_width: Duration,
+    deposit_units: i64,
+    reserve_units: i64,
+    /// Each bucket packs the epoch it belongs to (high 32 bits) and its
+    /// balance in units (low 32 bits, two's complement).
+    buckets: [AtomicU64; BUCKETS],
+}
+
+impl RetryBudget {
+    /// A budget over a window of `ttl` that grants `retry_ratio` retries per
+    /// first attempt, plus `min_per_sec` retries per second regardless of traffic.
+    ///
+    /// Out-of-range settings are brought into range rather than rejected:
+    /// `ttl` is clamped to 100 ms ..= 1 h, a negative or NaN `retry_ratio`
+    /// reads as 0 (no retries beyond the floor) and one above 1000 as 1000.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_overload::budget::RetryBudget;
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 10, 0.2);
+    /// assert_eq!(budget.ttl(), Duration::from_secs(10));
+    /// ```
+    pub fn new(ttl: Duration, min_per_sec: u32, retry_ratio: f32) -> Self {
+        Self::new_at(Instant::now(), ttl, min_per_sec, retry_ratio)
+    }
+
+    /// [`new`](Self::new), with the instant the budget's clock starts at.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokio::time::Instant;
+    /// use tower_overload::budget::RetryBudget;
+    /// let budget = RetryBudget::new_at(Instant::now(), Duration::from_secs(10), 0, 0.1);
+    /// assert_eq!(budget.retry_ratio(), 0.1);
+    /// ```
+    pub fn new_at(origin: Instant, ttl: Duration, min_per_sec: u32, retry_ratio: f32) -> Self {
+        let ttl = ttl.clamp(MIN_TTL, MAX_TTL);
+        let ratio = if retry_ratio.is_nan() {
+            0.0
+        } else {
+            retry_ratio.clamp(0.0, MAX_RATIO)
+        };
+        let reserve = i64::from(min_per_sec)
+            .saturating_mul(RETRY_COST)
+            .saturating_mul(ttl.as_millis() as i64)
+            / 1000;
+        Self {
+            shared: Arc::new(Shared {
+                origin,
+                bucket_width: ttl / BUCKETS as u32,
+                deposit_units: (f64::from(ratio) * RETRY_COST as f64).round() as i64,
+                reserve_units: reserve,
+                buckets: Default::default(),
+            }),
+        }
+    }
+
+    /// The window deposits live for.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::budget::RetryBudget;
+    /// assert_eq!(RetryBudget::new(Duration::ZERO, 0, 0.2).ttl(), Duration::from_millis(100));
+    /// ```
+    pub fn ttl(&self) -> Duration {
+        self.shared.bucket_width * BUCKETS as u32
+    }
+
+    /// Retries granted per first attempt, as configured (after clamping, to 1/1000).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::budget::RetryBudget;
+    /// assert_eq!(RetryBudget::new(Duration::from_secs(1), 0, f32::NAN).retry_ratio(), 0.0);
+    /// ```
+    pub fn retry_ratio(&self) -> f32 {
+        self.shared.deposit_units as f32 / RETRY_COST as f32
+    }
+
+    /// Records a first attempt, now.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # use std::time::Duration;
+    /// # use tower_overload::budget::RetryBudget;
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0);
+    /// budget.deposit();
+    /// assert!(budget.withdraw());
+    /// assert!(!budget.withdraw());
+    /// # }
+    /// ```
+    pub fn deposit(&self) {
+        self.deposit_at(Instant::now());
+    }
+
+    /// Asks for one retry, now; `false` means the budget is spent.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # use std::time::Duration;
+    /// # use tower_overload::budget::RetryBudget;
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.5);
+    /// assert!(!budget.withdraw(), "nothing deposited, no floor");
+    /// # }
+    /// ```
+    pub fn withdraw(&self) -> bool {
+        self.withdraw_at(Instant::now())
+    }
+
+    /// The retries that could be granted now (whole retries, rounded down).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # use std::time::Duration;
+    /// # use tower_overload::budget::RetryBudget;
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 2, 0.2);
+    /// assert_eq!(budget.available(), 20);
+    /// # }
+    /// ```
+    pub fn available(&self) -> u64 {
+        self.available_at(Instant::now())
+    }
+
+    /// [`deposit`](Self::deposit) at a given instant.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tokio::time::Instant;
+    /// # use tower_overload::budget::RetryBudget;
+    /// let start = Instant::now();
+    /// let budget = RetryBudget::new_at(start, Duration::from_secs(10), 0, 1.0);
+    /// budget.deposit_at(start);
+    /// assert_eq!(budget.available_at(start + Duration::from_secs(5)), 1);
+    /// assert_eq!(budget.available_at(start + Duration::from_secs(11)), 0, "expired");
+    /// ```
+    pub fn deposit_at(&self, now: Instant) {
+        self.shared.add(now, self.shared.deposit_units);
+    }
+
+    /// [`withdraw`](Self::withdraw) at a given instant.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tokio::time::Instant;
+    /// # use tower_overload::budget::RetryBudget;
+    /// let start = Instant::now();
+    /// let budget = RetryBudget::new_at(start, Duration::from_secs(10), 1, 0.0);
+    /// let granted = (0..100).filter(|_| budget.withdraw_at(start)).count();
+    /// assert_eq!(granted, 10, "the floor: 1 a second over 10 s");
+    /// ```
+    pub fn withdraw_at(&self, now: Instant) -> bool {
+        // Check-then-act: concurrent withdrawals may overdraw by at most one
+        // retry each, the same slack tower's TpsBudget accepts for being lock-free.
+        if self.shared.balance(now) < RETRY_COST {
+            return false;
+        }
+        self.shared.add(now, -RETRY_COST);
+        true
+    }
+
+    /// [`available`](Self::available) at a given instant.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tokio::time::Instant;
+    /// # use tower_overload::budget::RetryBudget;
+    /// let start = Instant::now();
+    /// let budget = RetryBudget::new_at(start, Duration::from_secs(10), 0, 0.5);
+    /// budget.deposit_at(start);
+    /// budget.deposit_at(start);
+    /// assert_eq!(budget.available_at(start), 1);
+    /// ```
+    pub fn available_at(&self, now: Instant) -> u64 {
+        (self.shared.balance(now).max(0) / RETRY_COST) as u64
+    }
+}
+
+impl Shared {
+    fn epoch(&self, now: Instant) -> u32 {
+        let elapsed = now.saturating_duration_since(self.origin);
+        // Epochs wrap after 2^32 buckets (over 13 years at the smallest ttl);
+        // liveness is judged with wrapping arithmetic, so a wrap is harmless.
+        (elapsed.as_nanos() / self.bucket_width.as_nanos().max(1)) as u32
+    }
+
+    fn add(&self, now: Instant, units: i64) {
+        let epoch = self.epoch(now);
+        let bucket = &self.buckets[epoch as usize % BUCKETS];
+        let mut current = bucket.load(Ordering::Acquire);
+        loop {
+            let (bucket_epoch, balance) = unpack(current);
+            let base = if bucket_epoch == epoch {
+                i64::from(balance)
+            } else {
+                0
+            };
+            let next = pack(epoch, base.saturating_add(units));
+            match bucket.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    fn balance(&self, now: Instant) -> i64 {
+        let epoch = self.epoch(now);
+        let live: i64 = self
+            .buckets
+            .iter()
+            .map(|bucket| unpack(bucket.load(Ordering::Acquire)))
+            .filter(|&(bucket_epoch, _)| {
+                // Never-written buckets are epoch 0 with balance 0, so counting them is harmless.
+                (epoch.wrapping_sub(bucket_epoch) as usize) < BUCKETS
+            })
+            .map(|(_, balance)| i64::from(balance))
+            .sum();
+        self.reserve_units + live
+    }
+}
+
+fn pack(epoch: u32, balance: i64) -> u64 {
+    let balance = balance.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32;
+    (u64::from(epoch) << 32) | u64::from(balance as u32)
+}
+
+fn unpack(word: u64) -> (u32, i32) {
+    ((word >> 32) as u32, word as u32 as i32)
+}
+
+impl fmt::Debug for RetryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryBudget")
+            .field("ttl", &self.ttl())
+            .field("retry_ratio", &self.retry_ratio())
+            .field("reserve", &(self.shared.reserve_units / RETRY_COST))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stay_a_fraction_of_traffic() {
+        let budget = RetryBudget::new(S(10), 0, 0.2);
+        let mut attempts = 0u32;
+        // A full outage: every call fails and would like 10 retries.
+        for _ in 0..1000 {
+            budget.deposit();
+            attempts += 1;
+            for _ in 0..10 {
+                if !budget.withdraw() {
+                    break;
+                }
+                attempts += 1;
+            }
+            tokio::time::advance(Duration::from_millis(5)).await;
+        }
+        let amplification = f64::from(attempts) / 1000.0;
+        assert!((1.19..=1.21).contains(&amplification), "{amplification}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_expire_with_the_window() {
+        let budget = RetryBudget::new(S(10), 0, 1.0);
+        for _ in 0..5 {
+            budget.deposit();
+        }
+        assert_eq!(budget.available(), 5);
+        tokio::time::advance(S(9)).await;
+        assert_eq!(budget.available(), 5);
+        tokio::time::advance(S(2)).await;
+        assert_eq!(budget.available(), 0);
+    }
+
+    #[test]
+    fn floor_refills_as_old_withdrawals_expire() {
+        let start = Instant::now();
+        let budget = RetryBudget::new_at(start, S(10), 1, 0.0);
+        assert_eq!((0..50).filter(|_| budget.withdraw_at(start)).count(), 10);
+        assert!(!budget.withdraw_at(start + S(5)));
+        assert!(budget.withdraw_at(start + S(11)));
+    }
+
+    #[test]
+    fn clones_share_one_balance() {
+        let start = Instant::now();
+        let budget = RetryBudget::new_at(start, S(10), 0, 1.0);
+        let clone = budget.clone();
+        clone.deposit_at(start);
+        assert!(budget.withdraw_at(start));
+        assert!(!clone.withdraw_at(start));
+    }
+
+    #[test]
+    fn settings_are_clamped() {
+        let budget = RetryBudget::new(Duration::from_secs(100_000), 0, -3.0);
+        assert_eq!(budget.ttl(), S(3600));
+        assert_eq!(budget.retry_ratio(), 0.0);
+        assert_eq!(
+            RetryBudget::new(S(1), 0, f32::INFINITY).retry_ratio(),
+            1000.0
+        );
+        let huge = RetryBudget::new(S(3600), u32::MAX, 1000.0);
+        assert!(huge.available() > 0);
+    }
+
+    #[test]
+    fn bucket_balance_saturates_instead_of_wrapping() {
+        let start = Instant::now();
+        let budget = RetryBudget::new_at(start, S(10), 0, 1000.0);
+        for _ in 0..10_000 {
+            budget.deposit_at(start);
+        }
+        assert!(budget.available_at(start) > 2_000_000);
+        assert_eq!(unpack(pack(7, i64::MIN)), (7, i32::MIN));
+    }
+
+    #[test]
+    fn concurrent_use_never_overdraws_more_than_the_threads() {
+        let start = Instant::now();
+        let budget = RetryBudget::new_at(start, S(10), 0, 0.5);
+        let threads = 4;
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                let budget = budget.clone();
+                scope.spawn(move || {
+                    for _ in 0..10_000 {
+                        budget.deposit_at(start);
+                    }
+                });
+            }
+        });
+        assert_eq!(budget.available_at(start), 20_000);
+        let granted = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    while budget.withdraw_at(start) {
+                        granted.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        let granted = granted.into_inner();
+        assert!((20_000..20_000 + threads).contains(&granted), "{granted}");
+    }
+}

@@ -1,0 +1,530 @@
+//! The crate's one error type: what happened, with everything a person needs to act on it.
+//!
+//! ```
+//! use std::time::Duration;
+//! use http::StatusCode;
+//! use tower_overload::{Error, ErrorKind, Model, RequestId, classify::Class};
+//!
+//! let error = Error::new(ErrorKind::RetriesExhausted)
+//!     .with_class(Class::Overloaded)
+//!     .with_status(StatusCode::from_u16(529).unwrap())
+//!     .with_model(Model::new("claude-opus-4-6"))
+//!     .with_request_id(RequestId::new(http::HeaderValue::from_static("req_011CSHoE")).unwrap())
+//!     .with_attempts(5)
+//!     .with_elapsed(Duration::from_secs(62));
+//! assert_eq!(
+//!     error.to_string(),
+//!     "Claude API overloaded (529) for claude-opus-4-6 after 5 attempts over 62 s; \
+//!      request-id req_011CSHoE; the model is at capacity for everyone: retry later, \
+//!      lower concurrency or fall back to another model (see status.claude.com)"
+//! );
+//! ```
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::classify::{Class, ClientKind};
+use crate::headers::RequestId;
+use crate::model::Model;
+
+/// A boxed error from an inner service or a body.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Why a call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Every allowed attempt failed with a retryable class.
+    RetriesExhausted,
+    /// The outcome is not retryable (a client error, or the server said
+    /// `x-should-retry: false`).
+    NotRetryable,
+    /// The server asked to wait longer than the policy allows or than the
+    /// deadline leaves; [`Error::server_delay`] says how long, so a job queue
+    /// can reschedule.
+    ServerDelayTooLong,
+    /// The call's total time budget ran out.
+    DeadlineExceeded,
+    /// The shared retry budget refused another retry (a retry storm is being damped).
+    BudgetExhausted,
+    /// The request body could not be kept for another attempt (too large, or
+    /// it failed while being read).
+    BodyNotReplayable,
+    /// The per-model queue was full; nothing was sent upstream.
+    QueueFull,
+    /// The wait for a per-model slot timed out; nothing was sent upstream.
+    QueueTimeout,
+    /// The inner service failed before any response (connection refused or
+    /// reset, a client-side timeout); see [`Error::source`](StdError::source).
+    Transport,
+}
+
+/// The crate's error: a kind plus the context of the call.
+///
+/// Built with [`Error::new`] and the `with_*` methods; read with the
+/// accessors. [`Display`](fmt::Display) gives one line a person can act on.
+pub struct Error {
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    class: Option<Class>,
+    status: Option<StatusCode>,
+    request_id: Option<RequestId>,
+    model: Option<Model>,
+    attempts: u32,
+    elapsed: Duration,
+    server_delay: Option<Duration>,
+    source: Option<BoxError>,
+}
+
+impl Error {
+    /// An error of `kind` with no context yet.
+    ///
+    /// ```
+    /// use tower_overload::{Error, ErrorKind};
+    /// let error = Error::new(ErrorKind::QueueFull);
+    /// assert_eq!(error.kind(), ErrorKind::QueueFull);
+    /// assert_eq!(error.attempts(), 0);
+    /// ```
+    pub fn new(kind: ErrorKind) -> Self {
+        Self {
+            inner: Box::new(Inner {
+                kind,
+                class: None,
+                status: None,
+                request_id: None,
+                model: None,
+                attempts: 0,
+                elapsed: Duration::ZERO,
+                server_delay: None,
+                source: None,
+            }),
+        }
+    }
+
+    /// Sets the class of the last outcome.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind, classify::Class};
+    /// assert_eq!(Error::new(ErrorKind::NotRetryable).with_class(Class::Conflict).class(), Some(Class::Conflict));
+    /// ```
+    pub fn with_class(mut self, class: Class) -> Self {
+        self.inner.class = Some(class);
+        self
+    }
+
+    /// Sets the last upstream status.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// # use http::StatusCode;
+    /// assert_eq!(Error::new(ErrorKind::NotRetryable).with_status(StatusCode::NOT_FOUND).status(), Some(StatusCode::NOT_FOUND));
+    /// ```
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.inner.status = Some(status);
+        self
+    }
+
+    /// Sets the request id of the last attempt.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind, RequestId};
+    /// let id = RequestId::new(http::HeaderValue::from_static("req_1")).unwrap();
+    /// assert_eq!(Error::new(ErrorKind::NotRetryable).with_request_id(id).request_id().unwrap().as_str(), "req_1");
+    /// ```
+    pub fn with_request_id(mut self, request_id: RequestId) -> Self {
+        self.inner.request_id = Some(request_id);
+        self
+    }
+
+    /// Sets the model the call was for.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind, Model};
+    /// assert_eq!(Error::new(ErrorKind::QueueFull).with_model(Model::new("m")).model().unwrap().as_str(), "m");
+    /// ```
+    pub fn with_model(mut self, model: Model) -> Self {
+        self.inner.model = Some(model);
+        self
+    }
+
+    /// Sets how many attempts were sent upstream.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert_eq!(Error::new(ErrorKind::RetriesExhausted).with_attempts(3).attempts(), 3);
+    /// ```
+    pub fn with_attempts(mut self, attempts: u32) -> Self {
+        self.inner.attempts = attempts;
+        self
+    }
+
+    /// Sets the time from the call's start to the failure.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert_eq!(Error::new(ErrorKind::DeadlineExceeded).with_elapsed(Duration::from_secs(30)).elapsed(), Duration::from_secs(30));
+    /// ```
+    pub fn with_elapsed(mut self, elapsed: Duration) -> Self {
+        self.inner.elapsed = elapsed;
+        self
+    }
+
+    /// Sets the delay the server asked for.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::{Error, ErrorKind};
+    /// let error = Error::new(ErrorKind::ServerDelayTooLong).with_server_delay(Duration::from_secs(61));
+    /// assert_eq!(error.server_delay(), Some(Duration::from_secs(61)));
+    /// ```
+    pub fn with_server_delay(mut self, delay: Duration) -> Self {
+        self.inner.server_delay = Some(delay);
+        self
+    }
+
+    /// Sets the underlying error.
+    ///
+    /// ```
+    /// # use std::error::Error as _;
+    /// # use tower_overload::{Error, ErrorKind};
+    /// let io = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+    /// let error = Error::new(ErrorKind::Transport).with_source(io);
+    /// assert!(error.source().is_some());
+    /// ```
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.inner.source = Some(source.into());
+        self
+    }
+
+    /// Why the call failed.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert_eq!(Error::new(ErrorKind::QueueTimeout).kind(), ErrorKind::QueueTimeout);
+    /// ```
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The class of the last outcome, if there was one.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert_eq!(Error::new(ErrorKind::QueueFull).class(), None);
+    /// ```
+    pub fn class(&self) -> Option<Class> {
+        self.inner.class
+    }
+
+    /// The last upstream status, if any response came.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert_eq!(Error::new(ErrorKind::Transport).status(), None);
+    /// ```
+    pub fn status(&self) -> Option<StatusCode> {
+        self.inner.status
+    }
+
+    /// The API's request id for the last attempt: quote it to support.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert!(Error::new(ErrorKind::Transport).request_id().is_none());
+    /// ```
+    pub fn request_id(&self) -> Option<&RequestId> {
+        self.inner.request_id.as_ref()
+    }
+
+    /// The model the call was for, if known.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert!(Error::new(ErrorKind::Transport).model().is_none());
+    /// ```
+    pub fn model(&self) -> Option<&Model> {
+        self.inner.model.as_ref()
+    }
+
+    /// How many attempts were sent upstream.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert_eq!(Error::new(ErrorKind::QueueFull).attempts(), 0);
+    /// ```
+    pub fn attempts(&self) -> u32 {
+        self.inner.attempts
+    }
+
+    /// Time from the call's start to the failure.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert_eq!(Error::new(ErrorKind::QueueFull).elapsed(), std::time::Duration::ZERO);
+    /// ```
+    pub fn elapsed(&self) -> Duration {
+        self.inner.elapsed
+    }
+
+    /// The delay the server asked for, if it asked.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert_eq!(Error::new(ErrorKind::QueueFull).server_delay(), None);
+    /// ```
+    pub fn server_delay(&self) -> Option<Duration> {
+        self.inner.server_delay
+    }
+
+    /// Whether trying the same call again later could succeed.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind, classify::{Class, ClientKind}};
+    /// assert!(Error::new(ErrorKind::RetriesExhausted).with_class(Class::Overloaded).is_transient());
+    /// assert!(!Error::new(ErrorKind::NotRetryable).with_class(Class::Client(ClientKind::Authentication)).is_transient());
+    /// ```
+    pub fn is_transient(&self) -> bool {
+        match self.inner.kind {
+            ErrorKind::NotRetryable => false,
+            ErrorKind::BodyNotReplayable => {
+                self.inner.class.is_some_and(Class::is_retryable_by_default)
+            }
+            _ => self.inner.class.is_none_or(Class::is_retryable_by_default),
+        }
+    }
+
+    fn headline(&self) -> &'static str {
+        match (self.inner.kind, self.inner.class) {
+            (ErrorKind::QueueFull, _) => "per-model queue full",
+            (ErrorKind::QueueTimeout, _) => "timed out waiting for a per-model slot",
+            (ErrorKind::DeadlineExceeded, _) => "deadline exceeded",
+            (ErrorKind::BudgetExhausted, _) => "retry budget exhausted",
+            (ErrorKind::BodyNotReplayable, None) => "request body cannot be replayed",
+            (ErrorKind::ServerDelayTooLong, _) => "server asked to wait too long",
+            (_, Some(class)) => class_headline(class),
+            (ErrorKind::Transport, None) => "transport error",
+            (_, None) => "request failed",
+        }
+    }
+
+    fn advice(&self) -> Option<&'static str> {
+        Some(match (self.inner.kind, self.inner.class) {
+            (ErrorKind::QueueFull | ErrorKind::QueueTimeout, _) => {
+                "nothing was sent; shed the call or queue it durably"
+            }
+            (ErrorKind::ServerDelayTooLong, _) => "reschedule the call after the server's delay",
+            (ErrorKind::BudgetExhausted, _) => {
+                "most recent calls are failing; retries are paused to avoid a retry storm"
+            }
+            (ErrorKind::BodyNotReplayable, _) => {
+                "the body was streamed or too large to keep, so it was sent once; buffer it to allow retries"
+            }
+            (_, Some(Class::Overloaded)) => {
+                "the model is at capacity for everyone: retry later, lower concurrency or fall back to another model (see status.claude.com)"
+            }
+            (_, Some(Class::RateLimited)) => {
+                "your organisation's rate limit: wait for the reset or raise the limit"
+            }
+            (_, Some(Class::Client(ClientKind::SpendLimit))) => {
+                "the spend limit is reached: raise it in the console; retrying will not help"
+            }
+            (_, Some(Class::Client(ClientKind::Authentication))) => "check the API key",
+            (_, Some(Class::Client(ClientKind::Billing))) => "check billing in the console",
+            (_, Some(Class::Client(ClientKind::Permission))) => {
+                "the API key lacks permission for this resource"
+            }
+            (_, Some(Class::Client(ClientKind::RequestTooLarge))) => {
+                "the request exceeds the API's size limit"
+            }
+            (_, Some(Class::Client(_))) => "fix the request; retrying will not help",
+            _ => return None,
+        })
+    }
+}
+
+fn class_headline(class: Class) -> &'static str {
+    match class {
+        Class::Success => "unexpected success",
+        Class::Overloaded => "Claude API overloaded",
+        Class::RateLimited => "rate limited",
+        Class::ServerError => "API server error",
+        Class::Timeout => "API timeout",
+        Class::Conflict => "API conflict",
+        Class::Transport => "transport error",
+        Class::Client(ClientKind::InvalidRequest) => "invalid request",
+        Class::Client(ClientKind::Authentication) => "authentication failed",
+        Class::Client(ClientKind::Billing) => "billing error",
+        Class::Client(ClientKind::Permission) => "permission denied",
+        Class::Client(ClientKind::NotFound) => "not found",
+        Class::Client(ClientKind::RequestTooLarge) => "request too large",
+        Class::Client(ClientKind::SpendLimit) => "spend limit reached",
+        Class::Client(ClientKind::Other) => "client error",
+    }
+}
+
+/// `62 s`, `1.5 s`, `850 ms`: short, and exact enough for a person.
+struct HumanDuration(Duration);
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let millis = self.0.as_millis();
+        if millis < 1000 {
+            write!(f, "{millis} ms")
+        } else if millis < 10_000 && millis % 1000 != 0 {
+            write!(f, "{:.1} s", self.0.as_secs_f64())
+        } else {
+            write!(f, "{} s", self.0.as_secs())
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &self.inner;
+        f.write_str(self.headline())?;
+        if let Some(status) = inner.status {
+            write!(f, " ({})", status.as_u16())?;
+        }
+        if let Some(model) = &inner.model {
+            write!(f, " for {model}")?;
+        }
+        match inner.attempts {
+            0 => {}
+            1 => write!(f, " after 1 attempt")?,
+            n => write!(f, " after {n} attempts")?,
+        }
+        if !inner.elapsed.is_zero() {
+            let joiner = if inner.attempts == 0 {
+                " after"
+            } else {
+                " over"
+            };
+            write!(f, "{joiner} {}", HumanDuration(inner.elapsed))?;
+        }
+        if let Some(delay) = inner.server_delay {
+            write!(f, "; server asked to wait {}", HumanDuration(delay))?;
+        }
+        if let Some(id) = &inner.request_id {
+            write!(f, "; request-id {id}")?;
+        }
+        if let Some(source) = &inner.source {
+            write!(f, ": {source}")?;
+        }
+        if let Some(advice) = self.advice() {
+            write!(f, "; {advice}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &self.inner;
+        let mut debug = f.debug_struct("Error");
+        debug.field("kind", &inner.kind);
+        if let Some(class) = inner.class {
+            debug.field("class", &class);
+        }
+        if let Some(status) = inner.status {
+            debug.field("status", &status);
+        }
+        if let Some(model) = &inner.model {
+            debug.field("model", model);
+        }
+        if let Some(id) = &inner.request_id {
+            debug.field("request_id", id);
+        }
+        debug
+            .field("attempts", &inner.attempts)
+            .field("elapsed", &inner.elapsed);
+        if let Some(delay) = inner.server_delay {
+            debug.field("server_delay", &delay);
+        }
+        if let Some(source) = &inner.source {
+            debug.field("source", source);
+        }
+        debug.finish()
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|source| source as &(dyn StdError + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(value: &'static str) -> RequestId {
+        RequestId::new(http::HeaderValue::from_static(value)).unwrap()
+    }
+
+    #[test]
+    fn messages_a_person_can_act_on() {
+        let rate_limited = Error::new(ErrorKind::ServerDelayTooLong)
+            .with_class(Class::RateLimited)
+            .with_status(StatusCode::TOO_MANY_REQUESTS)
+            .with_attempts(1)
+            .with_elapsed(Duration::from_millis(120))
+            .with_server_delay(Duration::from_secs(61))
+            .with_request_id(id("req_9"));
+        assert_eq!(
+            rate_limited.to_string(),
+            "server asked to wait too long (429) after 1 attempt over 120 ms; server asked to wait 61 s; \
+             request-id req_9; reschedule the call after the server's delay"
+        );
+
+        let queue = Error::new(ErrorKind::QueueTimeout)
+            .with_model(Model::new("claude-opus-4-6"))
+            .with_elapsed(Duration::from_millis(2500));
+        assert_eq!(
+            queue.to_string(),
+            "timed out waiting for a per-model slot for claude-opus-4-6 after 2.5 s; \
+             nothing was sent; shed the call or queue it durably"
+        );
+
+        let auth = Error::new(ErrorKind::NotRetryable)
+            .with_class(Class::Client(ClientKind::Authentication))
+            .with_status(StatusCode::UNAUTHORIZED)
+            .with_attempts(1)
+            .with_request_id(id("req_2"));
+        assert_eq!(
+            auth.to_string(),
+            "authentication failed (401) after 1 attempt; request-id req_2; check the API key"
+        );
+
+        let transport = Error::new(ErrorKind::Transport)
+            .with_source(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(transport.to_string(), "transport error: connection refused");
+        assert!(transport.is_transient());
+        assert!(StdError::source(&transport).is_some());
+    }
+
+    #[test]
+    fn error_is_small_and_thread_safe() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<Error>();
+        assert_eq!(std::mem::size_of::<Error>(), std::mem::size_of::<usize>());
+    }
+
+    #[test]
+    fn debug_shows_context_without_noise() {
+        let error = Error::new(ErrorKind::QueueFull).with_model(Model::new("m"));
+        assert_eq!(
+            format!("{error:?}"),
+            r#"Error { kind: QueueFull, model: Model("m"), attempts: 0, elapsed: 0ns }"#
+        );
+    }
+}
