@@ -40,8 +40,8 @@ async fn main() {
 
     let client = client();
     println!(
-        "{:<4} {:<6} {:<26} {:<9} {:<12} {:<22} {}",
-        "#", "status", "class", "retry?", "server wait", "error.type", "request-id"
+        "{:<4} {:<6} {:<26} {:<9} {:<12} {:<22} request-id",
+        "#", "status", "class", "retry?", "server wait", "error.type"
     );
     for call in 1..=11 {
         let response = client
