@@ -23,34 +23,45 @@ pub(crate) fn skip_ws(bytes: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// Index of the first `"` or `\` in `bytes`.
+/// Marks, in the high bit of each lane, the bytes of `word` equal to `byte`.
+/// Only the lowest mark is exact (a borrow can set marks above it), which is
+/// all a search for the first match needs.
+#[inline(always)]
+fn lanes_equal(word: u64, byte: u8) -> u64 {
+    let x = word ^ (LANES * u64::from(byte));
+    x.wrapping_sub(LANES) & !x & HIGH_BITS
+}
+
+/// The end of a string whose opening quote is at `at - 1`: the index past
+/// its closing quote, and whether it holds escapes.
 ///
-/// Eight bytes at a time: LLM request bodies are mostly long strings, so
-/// this loop is where a scan spends its time.
-#[inline]
-fn find_quote_or_backslash(bytes: &[u8]) -> Option<usize> {
-    let quotes = LANES * u64::from(b'"');
-    let backslashes = LANES * u64::from(b'\\');
-    let mut chunks = bytes.chunks_exact(8);
-    let mut offset = 0;
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let word = u64::from_le_bytes(word);
-        let q = word ^ quotes;
-        let b = word ^ backslashes;
-        // A lane is zero where the byte matched; the lowest flagged lane is exact.
-        let hits = (q.wrapping_sub(LANES) & !q | b.wrapping_sub(LANES) & !b) & HIGH_BITS;
-        if hits != 0 {
-            return Some(offset + (hits.trailing_zeros() / 8) as usize);
+/// Every scan spends most of its time here (LLM bodies are mostly strings,
+/// long texts and many short keys), so it loads one word per eight bytes and
+/// does no slicing per call.
+#[inline(always)]
+fn string_end(bytes: &[u8], mut at: usize) -> Option<(usize, bool)> {
+    let mut escaped = false;
+    loop {
+        let hit = loop {
+            let Some(chunk) = bytes.get(at..at + 8) else {
+                let tail = bytes.get(at..)?;
+                break at + tail.iter().position(|&c| c == b'"' || c == b'\\')?;
+            };
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            let word = u64::from_le_bytes(word);
+            let hits = lanes_equal(word, b'"') | lanes_equal(word, b'\\');
+            if hits != 0 {
+                break at + (hits.trailing_zeros() / 8) as usize;
+            }
+            at += 8;
+        };
+        if bytes[hit] == b'"' {
+            return Some((hit + 1, escaped));
         }
-        offset += 8;
+        escaped = true;
+        at = hit + 2;
     }
-    chunks
-        .remainder()
-        .iter()
-        .position(|&c| c == b'"' || c == b'\\')
-        .map(|p| offset + p)
 }
 
 /// A JSON string found in the input: `raw` is the text between the quotes.
@@ -80,19 +91,11 @@ impl<'a> RawString<'a> {
 }
 
 /// `at` points at an opening quote; returns the string and the index past its closing quote.
+#[inline]
 pub(crate) fn scan_string(bytes: &[u8], at: usize) -> Option<(RawString<'_>, usize)> {
-    let start = at + 1;
-    let mut cursor = start;
-    let mut escaped = false;
-    loop {
-        cursor += find_quote_or_backslash(bytes.get(cursor..)?)?;
-        if bytes[cursor] == b'"' {
-            let raw = &bytes[start..cursor];
-            return Some((RawString { raw, escaped }, cursor + 1));
-        }
-        escaped = true;
-        cursor += 2;
-    }
+    let (end, escaped) = string_end(bytes, at + 1)?;
+    let raw = &bytes[at + 1..end - 1];
+    Some((RawString { raw, escaped }, end))
 }
 
 /// Skips one value starting at `at` (no leading whitespace); returns the index past it.
@@ -121,15 +124,33 @@ fn skip_scalar(bytes: &[u8], at: usize) -> Option<usize> {
     valid.then_some(at + len)
 }
 
+const STRUCTURAL: [bool; 256] = {
+    let mut table = [false; 256];
+    table[b'"' as usize] = true;
+    table[b'{' as usize] = true;
+    table[b'}' as usize] = true;
+    table[b'[' as usize] = true;
+    table[b']' as usize] = true;
+    table
+};
+
 fn skip_container(bytes: &[u8], at: usize) -> Option<usize> {
     // One bit per open level: set for an object, clear for an array.
     let mut kinds = [0u64; MAX_DEPTH / 64];
     let mut depth = 0usize;
     let mut cursor = at;
     loop {
+        // Numbers, literals, commas and whitespace between strings: skip them
+        // without going through the match below.
+        while let Some(&c) = bytes.get(cursor) {
+            if STRUCTURAL[usize::from(c)] {
+                break;
+            }
+            cursor += 1;
+        }
         match *bytes.get(cursor)? {
             b'"' => {
-                cursor = scan_string(bytes, cursor)?.1;
+                cursor = string_end(bytes, cursor + 1)?.0;
                 continue;
             }
             open @ (b'{' | b'[') => {
@@ -286,24 +307,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_quote_or_backslash_in_every_lane() {
+    fn finds_string_ends_in_every_lane() {
         for len in 0..40 {
             for pos in 0..len {
-                for needle in [b'"', b'\\'] {
-                    let mut bytes = vec![b'a'; len];
-                    bytes[pos] = needle;
+                let mut bytes = vec![b'a'; len];
+                bytes[pos] = b'"';
+                assert_eq!(
+                    string_end(&bytes, 0),
+                    Some((pos + 1, false)),
+                    "len {len} pos {pos}"
+                );
+                if pos + 2 < len {
+                    // An escaped quote before the real one.
+                    bytes[pos] = b'\\';
+                    bytes[pos + 1] = b'"';
+                    bytes[len - 1] = b'"';
                     assert_eq!(
-                        find_quote_or_backslash(&bytes),
-                        Some(pos),
+                        string_end(&bytes, 0),
+                        Some((len, true)),
                         "len {len} pos {pos}"
                     );
                 }
             }
-            assert_eq!(find_quote_or_backslash(&vec![b'x'; len]), None);
+            assert_eq!(string_end(&vec![b'x'; len], 0), None);
         }
         // Bytes that differ from the needles by one bit must not match.
         let near: Vec<u8> = (0u8..=255).filter(|&c| c != b'"' && c != b'\\').collect();
-        assert_eq!(find_quote_or_backslash(&near), None);
+        assert_eq!(string_end(&near, 0), None);
+        assert_eq!(string_end(b"ab\\", 0), None, "an escape at the very end");
     }
 
     #[test]
