@@ -374,6 +374,31 @@ mod tests {
         assert_eq!(unpack(pack(7, i64::MIN)), (7, i32::MIN));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn grants_never_exceed_floor_plus_ratio(
+            steps in proptest::collection::vec((0u32..20, 0u32..20, 0u64..3_000), 1..200),
+            ratio_tenths in 0u32..20,
+            min_per_sec in 0u32..5,
+        ) {
+            // Within one window (no expiry), grants are bounded by what was paid in.
+            let start = Instant::now();
+            let ratio = ratio_tenths as f32 / 10.0;
+            let budget = RetryBudget::new_at(start, S(60), min_per_sec, ratio);
+            let (mut deposits, mut granted) = (0u64, 0u64);
+            let mut now = start;
+            for (deposit, withdraw, step_ms) in steps {
+                now += Duration::from_millis(step_ms / 100);
+                for _ in 0..deposit { budget.deposit_at(now); }
+                deposits += u64::from(deposit);
+                granted += (0..withdraw).filter(|_| budget.withdraw_at(now)).count() as u64;
+            }
+            let reserve = u64::from(min_per_sec) * 60;
+            let earned = deposits * u64::from(ratio_tenths) / 10;
+            proptest::prop_assert!(granted <= reserve + earned, "{granted} > {reserve} + {earned}");
+        }
+    }
+
     #[test]
     fn concurrent_use_never_overdraws_more_than_the_threads() {
         let start = Instant::now();

@@ -22,10 +22,11 @@
 //! ```
 
 use std::fmt;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode, header::RETRY_AFTER};
 
-use crate::headers::{self, RETRY_AFTER_MS};
+use crate::headers::{self, RETRY_AFTER_MS, RateLimits, RequestId};
 use crate::json;
 
 /// The most body bytes [`error_type`] and [`classify`] look at. Error bodies
@@ -177,6 +178,65 @@ impl Classification {
     }
 }
 
+/// What the server said about an outcome, beyond its class: read once per
+/// failed attempt by the layers that act on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// The delay the server asked for (`retry-after-ms` / `retry-after`), unbounded.
+    pub server_delay: Option<Duration>,
+    /// The server's `x-should-retry` verdict.
+    pub should_retry: Option<bool>,
+    /// The attempt's `request-id`.
+    pub request_id: Option<RequestId>,
+    /// The `anthropic-ratelimit-*` state.
+    pub rate_limits: RateLimits,
+}
+
+impl Hints {
+    /// Reads every hint from `headers`; `now` anchors HTTP-dates.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use http::HeaderMap;
+    /// use tower_overload::classify::Hints;
+    ///
+    /// let mut map = HeaderMap::new();
+    /// map.insert("retry-after", "3".parse().unwrap());
+    /// map.insert("request-id", "req_1".parse().unwrap());
+    /// let hints = Hints::from_headers(&map, SystemTime::now());
+    /// assert_eq!(hints.server_delay, Some(Duration::from_secs(3)));
+    /// assert_eq!(hints.request_id.unwrap().as_str(), "req_1");
+    /// assert!(hints.rate_limits.is_empty());
+    /// ```
+    pub fn from_headers(headers: &HeaderMap, now: SystemTime) -> Self {
+        Self {
+            server_delay: headers::server_delay(headers, now),
+            should_retry: headers::should_retry(headers),
+            request_id: headers::request_id(headers),
+            rate_limits: RateLimits::from_headers(headers),
+        }
+    }
+
+    /// How long the server wants the client to wait: its explicit delay, else
+    /// the time until an exhausted rate-limit window resets.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use http::HeaderMap;
+    /// use tower_overload::classify::Hints;
+    ///
+    /// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_417_200); // 2026-11-23T07:00:00Z
+    /// let mut map = HeaderMap::new();
+    /// map.insert("anthropic-ratelimit-requests-remaining", "0".parse().unwrap());
+    /// map.insert("anthropic-ratelimit-requests-reset", "2026-11-23T07:00:12Z".parse().unwrap());
+    /// assert_eq!(Hints::from_headers(&map, now).wait(now), Some(Duration::from_secs(12)));
+    /// ```
+    pub fn wait(&self, now: SystemTime) -> Option<Duration> {
+        self.server_delay
+            .or_else(|| self.rate_limits.exhausted_for(now))
+    }
+}
+
 /// Classifies a response from its status, headers and, optionally, a prefix of
 /// its body (at most [`MAX_SNIFF_BYTES`] are read).
 ///
@@ -256,12 +316,12 @@ fn class_of(status: StatusCode, headers: &HeaderMap, body: Option<&[u8]>) -> Cla
 }
 
 fn says_overloaded(body: &[u8]) -> bool {
-    let Some(error) = ErrorFields::read(body) else {
+    let Some(error) = ErrorObject::find(body) else {
         return false;
     };
-    error.kind == Some("overloaded_error")
+    error.kind() == Some("overloaded_error")
         || error
-            .message
+            .message()
             .is_some_and(|m| m.trim_ascii().eq_ignore_ascii_case(b"overloaded"))
 }
 
@@ -290,26 +350,33 @@ fn sniff_window(body: &[u8]) -> &[u8] {
     &body[..body.len().min(MAX_SNIFF_BYTES)]
 }
 
-/// The `error.type` and `error.message` of an error body, as raw bytes.
-struct ErrorFields<'a> {
-    kind: Option<&'a str>,
-    message: Option<&'a [u8]>,
+/// The `error` object of an error body, read member by member on demand.
+struct ErrorObject<'a> {
+    json: &'a [u8],
+    start: usize,
 }
 
-impl<'a> ErrorFields<'a> {
-    fn read(body: &'a [u8]) -> Option<Self> {
+impl<'a> ErrorObject<'a> {
+    fn find(body: &'a [u8]) -> Option<Self> {
         let json = json_payload(sniff_window(body))?;
-        let error = json::find_member(json, 0, "error")?;
-        let string_member = |key| {
-            json::find_member(json, error, key)
-                .and_then(|at| json::string_at(json, at))
-                .map(|(string, _)| string)
-        };
-        let kind = string_member("type")
-            .filter(|s| !s.escaped)
-            .and_then(|s| std::str::from_utf8(s.raw).ok());
-        let message = string_member("message").map(|s| s.raw);
-        Some(Self { kind, message })
+        let start = json::find_member(json, 0, "error")?;
+        Some(Self { json, start })
+    }
+
+    fn string_member(&self, key: &str) -> Option<json::RawString<'a>> {
+        let at = json::find_member(self.json, self.start, key)?;
+        json::string_at(self.json, at).map(|(string, _)| string)
+    }
+
+    /// `error.type`, when it is a plain (escape-free) string.
+    fn kind(&self) -> Option<&'a str> {
+        let kind = self.string_member("type").filter(|s| !s.escaped)?;
+        std::str::from_utf8(kind.raw).ok()
+    }
+
+    /// `error.message`, raw.
+    fn message(&self) -> Option<&'a [u8]> {
+        self.string_member("message").map(|s| s.raw)
     }
 }
 
@@ -358,7 +425,7 @@ fn json_payload(body: &[u8]) -> Option<&[u8]> {
 /// assert_eq!(error_type(b"<html>502 Bad Gateway</html>"), None);
 /// ```
 pub fn error_type(body: &[u8]) -> Option<&str> {
-    ErrorFields::read(body)?.kind
+    ErrorObject::find(body)?.kind()
 }
 
 #[cfg(test)]
@@ -445,6 +512,29 @@ mod tests {
             assert_eq!(verdict.class, *class, "{code} {body:?}");
             assert_eq!(verdict.retryable, *retryable, "{code} {body:?}");
         }
+    }
+
+    #[test]
+    fn hints_prefer_the_explicit_delay() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_417_200);
+        let map = headers(&[
+            ("retry-after-ms", "1500"),
+            ("anthropic-ratelimit-tokens-remaining", "0"),
+            ("anthropic-ratelimit-tokens-reset", "2026-11-23T07:01:00Z"),
+            ("x-should-retry", "true"),
+        ]);
+        let hints = Hints::from_headers(&map, now);
+        assert_eq!(hints.wait(now), Some(Duration::from_millis(1500)));
+        assert_eq!(hints.should_retry, Some(true));
+        assert_eq!(
+            hints.rate_limits.exhausted_for(now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            Hints::from_headers(&HeaderMap::new(), now),
+            Hints::default()
+        );
+        assert_eq!(Hints::default().wait(now), None);
     }
 
     #[test]

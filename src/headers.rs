@@ -558,6 +558,42 @@ mod tests {
         assert!(request_id(&HeaderMap::new()).is_none());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn server_delay_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            if let Ok(value) = HeaderValue::from_bytes(&bytes) {
+                let mut headers = HeaderMap::new();
+                headers.insert(RETRY_AFTER, value.clone());
+                headers.insert(RETRY_AFTER_MS, value);
+                let _ = server_delay(&headers, SystemTime::now());
+                let _ = RateLimits::from_headers(&headers);
+            }
+        }
+
+        #[test]
+        fn integer_seconds_round_trip(secs in 0u64..=u64::MAX / 2, millis in 0u64..u64::MAX / 1000) {
+            let mut headers = HeaderMap::new();
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+            prop_assert_eq!(server_delay(&headers, SystemTime::now()), Some(Duration::from_secs(secs)));
+            headers.insert(RETRY_AFTER_MS, HeaderValue::from(millis));
+            prop_assert_eq!(server_delay(&headers, SystemTime::now()), Some(Duration::from_millis(millis)));
+        }
+
+        #[test]
+        fn http_dates_agree_with_httpdate(secs in 0u64..253_402_300_799, ahead in 0u64..100_000) {
+            // Every IMF-fixdate from 1970 to 9999 that httpdate formats, we read back.
+            let at = UNIX_EPOCH + Duration::from_secs(secs);
+            let text = httpdate::fmt_http_date(at);
+            let mut headers = HeaderMap::new();
+            headers.insert(RETRY_AFTER, HeaderValue::from_str(&text).unwrap());
+            let now = at.checked_sub(Duration::from_secs(ahead)).unwrap_or(UNIX_EPOCH);
+            let expected = at.duration_since(now).unwrap();
+            prop_assert_eq!(server_delay(&headers, now), Some(expected), "{}", text);
+        }
+    }
+
+    use proptest::prop_assert_eq;
+
     #[test]
     fn rate_limits_family() {
         let headers = map(&[
