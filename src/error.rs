@@ -377,7 +377,7 @@ impl fmt::Display for HumanDuration {
         let millis = self.0.as_millis();
         if millis < 1000 {
             write!(f, "{millis} ms")
-        } else if millis < 10_000 && millis % 1000 != 0 {
+        } else if millis < 10_000 && !millis.is_multiple_of(1000) {
             write!(f, "{:.1} s", self.0.as_secs_f64())
         } else {
             write!(f, "{} s", self.0.as_secs())

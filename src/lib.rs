@@ -44,12 +44,15 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod body;
 pub mod budget;
 pub mod classify;
 mod error;
 pub mod headers;
 mod json;
 pub mod model;
+#[cfg(feature = "retry")]
+pub mod retry;
 mod time;
 
 pub use error::{BoxError, Error, ErrorKind};

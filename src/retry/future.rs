@@ -1,0 +1,495 @@
+//! The response future of [`OverloadRetry`](super::OverloadRetry): a hand-written state machine.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, Bytes};
+use http::{HeaderValue, Request, Response, StatusCode, response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use rand::rngs::SmallRng;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use crate::body::{PeekedBody, ReplayableBody};
+use crate::classify::{self, Class, Classification, Hints, MAX_SNIFF_BYTES};
+use crate::model::{self, Model};
+use crate::retry::report::{Attempt, AttemptRecord, RetryReport};
+use crate::retry::{AttemptLog, Decision, FinalFailure, Outcome, RetryPolicy, StopReason};
+use crate::{BoxError, Error, ErrorKind, headers};
+
+pin_project! {
+    /// The future of one logical call through [`OverloadRetry`](super::OverloadRetry).
+    ///
+    /// No allocation beyond the attempt's own request, no task, no lock:
+    /// dropping it at any point (mid-attempt, mid-wait) drops the attempt
+    /// and the spare body, and nothing is left behind.
+    pub struct ResponseFuture<S, B, R>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S::Future, R>,
+        service: S,
+        call: Call<B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, R> {
+        // An attempt is in flight.
+        Called { #[pin] future: F },
+        // A failed response's body is being read to classify it.
+        Sniffing {
+            parts: Option<response::Parts>,
+            body: Option<R>,
+            chunks: Vec<Bytes>,
+            len: usize,
+            #[pin]
+            timer: Sleep,
+        },
+        // Backing off before the next attempt.
+        Waiting { #[pin] sleep: Sleep },
+        // Waiting for the inner service to be ready for the next attempt.
+        Ready,
+        // The output was returned.
+        Done,
+    }
+}
+
+/// Everything about the call that outlives one attempt.
+struct Call<B> {
+    policy: Arc<RetryPolicy>,
+    template: Template,
+    /// A copy of the body kept for the next attempt.
+    spare: Option<B>,
+    /// The body of the next attempt, set when a retry is decided.
+    next: Option<B>,
+    log: AttemptLog,
+    records: Vec<AttemptRecord>,
+    waited: Duration,
+    started: Instant,
+    rng: Option<SmallRng>,
+}
+
+/// The parts of the original request, to build every attempt from.
+struct Template {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    extensions: http::Extensions,
+}
+
+impl Template {
+    fn build<B>(&self, body: B, attempt: Attempt, policy: &RetryPolicy) -> Request<B> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        *request.extensions_mut() = self.extensions.clone();
+        request.extensions_mut().insert(attempt);
+        if let Some(name) = &policy.retry_count_header {
+            request
+                .headers_mut()
+                .insert(name.clone(), HeaderValue::from(attempt.number - 1));
+        }
+        request
+    }
+}
+
+impl<S, B, R> ResponseFuture<S, B, R>
+where
+    S: Service<Request<B>, Response = Response<R>>,
+    B: ReplayableBody,
+{
+    pub(crate) fn new(mut service: S, request: Request<B>, policy: Arc<RetryPolicy>) -> Self {
+        let started = Instant::now();
+        if let Some(budget) = &policy.budget {
+            budget.deposit();
+        }
+        let (parts, body) = request.into_parts();
+        let spare = body.try_clone_body();
+        let template = Template {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+            extensions: parts.extensions,
+        };
+        let first = template.build(
+            body,
+            Attempt {
+                number: 1,
+                max: policy.max_attempts,
+            },
+            &policy,
+        );
+        let future = service.call(first);
+        Self {
+            state: State::Called { future },
+            service,
+            call: Call {
+                policy,
+                template,
+                spare,
+                next: None,
+                log: AttemptLog::default(),
+                records: Vec::new(),
+                waited: Duration::ZERO,
+                started,
+                rng: None,
+            },
+        }
+    }
+}
+
+/// What to do after an attempt's outcome was judged.
+enum Step<R: Body> {
+    Retry(Duration),
+    Finish(Result<Response<PeekedBody<R>>, Error>),
+}
+
+impl<B: ReplayableBody> Call<B> {
+    /// Readies the body of the next attempt; `false` if it cannot be replayed.
+    fn prepare_body(&mut self) -> bool {
+        if self.next.is_some() {
+            return true;
+        }
+        let Some(spare) = self.spare.take() else {
+            return false;
+        };
+        match spare.try_clone_body() {
+            Some(copy) => {
+                self.next = Some(spare);
+                self.spare = Some(copy);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn decide(&mut self, verdict: Classification, server_delay: Option<Duration>) -> Decision {
+        let body_replayable = verdict.retryable && self.prepare_body();
+        let outcome = Outcome {
+            verdict,
+            server_delay,
+            elapsed: self.started.elapsed(),
+            body_replayable,
+        };
+        let policy = Arc::clone(&self.policy);
+        let rng = self.rng.get_or_insert_with(|| policy.rng());
+        policy.decide(&self.log, &outcome, rng)
+    }
+
+    fn record(
+        &mut self,
+        class: Class,
+        status: Option<StatusCode>,
+        request_id: Option<headers::RequestId>,
+    ) {
+        self.log.record(class);
+        self.records.push(AttemptRecord {
+            class,
+            status,
+            request_id,
+            wait_after: None,
+        });
+    }
+
+    fn schedule(&mut self, delay: Duration) {
+        self.log.last_delay = delay;
+        self.waited += delay;
+        if let Some(last) = self.records.last_mut() {
+            last.wait_after = Some(delay);
+        }
+    }
+
+    fn report(&mut self, stop: StopReason) -> RetryReport {
+        RetryReport {
+            attempts: std::mem::take(&mut self.records),
+            waited: self.waited,
+            elapsed: self.started.elapsed(),
+            stop,
+        }
+    }
+
+    /// The model the call is for, for error messages: from the request's
+    /// extensions, else read from an in-memory body.
+    fn model(&self) -> Option<Model> {
+        if let Some(model) = self.template.extensions.get::<Model>() {
+            return Some(model.clone());
+        }
+        let body = self.spare.as_ref().or(self.next.as_ref())?.in_memory()?;
+        model::extract(&body).map(|name| Model::new(name.as_ref()))
+    }
+
+    fn error(&mut self, kind: ErrorKind, class: Class, stop: StopReason) -> Error {
+        let mut error = Error::new(kind)
+            .with_class(class)
+            .with_attempts(self.log.attempts)
+            .with_elapsed(self.started.elapsed());
+        if let StopReason::ServerDelayTooLong(delay) = stop {
+            error = error.with_server_delay(delay);
+        }
+        if let Some(model) = self.model() {
+            error = error.with_model(model);
+        }
+        if let Some(last) = self.records.last() {
+            if let Some(status) = last.status {
+                error = error.with_status(status);
+            }
+            if let Some(id) = &last.request_id {
+                error = error.with_request_id(id.clone());
+            }
+        }
+        error
+    }
+
+    fn on_response<R>(
+        &mut self,
+        parts: response::Parts,
+        body: PeekedBody<R>,
+        verdict: Classification,
+    ) -> Step<R>
+    where
+        R: Body,
+    {
+        if !verdict.class.is_failure() {
+            self.record(
+                verdict.class,
+                Some(parts.status),
+                headers::request_id(&parts.headers),
+            );
+            return Step::Finish(Ok(self.finish_response(parts, body, StopReason::Success)));
+        }
+        let now = SystemTime::now();
+        let hints = Hints::from_headers(&parts.headers, now);
+        let server_delay = hints.wait(now);
+        self.record(verdict.class, Some(parts.status), hints.request_id.clone());
+        match self.decide(verdict, server_delay) {
+            Decision::Retry(delay) => {
+                self.schedule(delay);
+                Step::Retry(delay)
+            }
+            Decision::Stop(stop) => {
+                let typed = matches!(stop, StopReason::ServerDelayTooLong(_))
+                    || self.policy.final_failure == FinalFailure::Error;
+                if typed {
+                    Step::Finish(Err(self.error(stop.error_kind(), verdict.class, stop)))
+                } else {
+                    Step::Finish(Ok(self.finish_response(parts, body, stop)))
+                }
+            }
+        }
+    }
+
+    fn on_error<R: Body>(&mut self, error: BoxError) -> Step<R> {
+        let verdict = self.policy.error_classifier.classify_error(&*error);
+        self.record(verdict.class, None, None);
+        match self.decide(verdict, None) {
+            Decision::Retry(delay) => {
+                self.schedule(delay);
+                Step::Retry(delay)
+            }
+            Decision::Stop(stop) => {
+                let kind = match stop {
+                    StopReason::NotRetryable => ErrorKind::Transport,
+                    other => other.error_kind(),
+                };
+                Step::Finish(Err(self
+                    .error(kind, verdict.class, stop)
+                    .with_source(error)))
+            }
+        }
+    }
+
+    fn finish_response<R: Body>(
+        &mut self,
+        parts: response::Parts,
+        body: PeekedBody<R>,
+        stop: StopReason,
+    ) -> Response<PeekedBody<R>> {
+        let mut response = Response::from_parts(parts, body);
+        let report = self.report(stop);
+        response.extensions_mut().insert(report);
+        response
+    }
+
+    fn next_request(&mut self) -> Option<Request<B>> {
+        let body = self.next.take()?;
+        let attempt = Attempt {
+            number: self.log.attempts + 1,
+            max: self.policy.max_attempts,
+        };
+        Some(self.template.build(body, attempt, &self.policy))
+    }
+}
+
+/// Whether the body can change what the status and headers say: a 5xx may
+/// say "Overloaded", a 429 without a delay may be a spend limit. Not read
+/// when the server already gave its verdict.
+fn worth_sniffing(parts: &response::Parts, verdict: &Classification) -> bool {
+    if verdict.server_verdict.is_some() {
+        return false;
+    }
+    match verdict.class {
+        Class::ServerError => true,
+        Class::RateLimited => {
+            !parts.headers.contains_key(http::header::RETRY_AFTER)
+                && !parts.headers.contains_key(headers::RETRY_AFTER_MS)
+        }
+        _ => false,
+    }
+}
+
+impl<S, B, R> Future for ResponseFuture<S, B, R>
+where
+    S: Service<Request<B>, Response = Response<R>>,
+    S::Error: Into<BoxError>,
+    B: ReplayableBody,
+    R: Body + Unpin,
+    R::Data: Buf,
+{
+    type Output = Result<Response<PeekedBody<R>>, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let step = match this.state.as_mut().project() {
+                StateProj::Called { future } => match ready!(future.poll(cx)) {
+                    Ok(response) => {
+                        let (parts, body) = response.into_parts();
+                        let verdict = classify::classify(parts.status, &parts.headers, None);
+                        if worth_sniffing(&parts, &verdict) {
+                            let timer = tokio::time::sleep(this.call.policy.sniff_timeout);
+                            this.state.set(State::Sniffing {
+                                parts: Some(parts),
+                                body: Some(body),
+                                chunks: Vec::new(),
+                                len: 0,
+                                timer,
+                            });
+                            continue;
+                        }
+                        this.call.on_response(parts, PeekedBody::new(body), verdict)
+                    }
+                    Err(error) => this.call.on_error(error.into()),
+                },
+                StateProj::Sniffing {
+                    parts,
+                    body,
+                    chunks,
+                    len,
+                    timer,
+                } => {
+                    let mut failure = None;
+                    let timed_out = timer.poll(cx).is_ready();
+                    if !timed_out {
+                        let Some(inner) = body.as_mut() else {
+                            return Poll::Ready(Err(Error::new(ErrorKind::Transport)));
+                        };
+                        while *len < MAX_SNIFF_BYTES {
+                            match Pin::new(&mut *inner).poll_frame(cx) {
+                                Poll::Pending => return Poll::Pending,
+                                Poll::Ready(None) => break,
+                                Poll::Ready(Some(Err(error))) => {
+                                    failure = Some(error);
+                                    break;
+                                }
+                                Poll::Ready(Some(Ok(frame))) => {
+                                    if let Ok(mut data) = frame.into_data() {
+                                        let chunk = data.copy_to_bytes(data.remaining());
+                                        *len += chunk.len();
+                                        chunks.push(chunk);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let (Some(parts), Some(inner)) = (parts.take(), body.take()) else {
+                        return Poll::Ready(Err(Error::new(ErrorKind::Transport)));
+                    };
+                    let chunks = std::mem::take(chunks);
+                    let verdict = {
+                        let joined;
+                        let prefix: &[u8] = match chunks.as_slice() {
+                            [] => &[],
+                            [one] => one,
+                            many => {
+                                joined = many.concat();
+                                &joined
+                            }
+                        };
+                        classify::classify(parts.status, &parts.headers, Some(prefix))
+                    };
+                    let mut peeked = PeekedBody::new(inner).with_prefix(chunks);
+                    if let Some(error) = failure {
+                        peeked = peeked.with_error(error);
+                    }
+                    this.call.on_response(parts, peeked, verdict)
+                }
+                StateProj::Waiting { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.state.set(State::Ready);
+                    continue;
+                }
+                StateProj::Ready => {
+                    if let Err(error) = ready!(this.service.poll_ready(cx)) {
+                        this.state.set(State::Done);
+                        let error = Error::new(ErrorKind::Transport)
+                            .with_attempts(this.call.log.attempts)
+                            .with_elapsed(this.call.started.elapsed())
+                            .with_source(error);
+                        return Poll::Ready(Err(error));
+                    }
+                    let Some(request) = this.call.next_request() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(Error::new(ErrorKind::BodyNotReplayable)));
+                    };
+                    let future = this.service.call(request);
+                    this.state.set(State::Called { future });
+                    continue;
+                }
+                StateProj::Done => {
+                    panic!("ResponseFuture polled after it completed");
+                }
+            };
+            match step {
+                Step::Retry(delay) => {
+                    this.state.set(State::Waiting {
+                        sleep: tokio::time::sleep(delay),
+                    });
+                }
+                Step::Finish(output) => {
+                    this.state.set(State::Done);
+                    return Poll::Ready(output);
+                }
+            }
+        }
+    }
+}
+
+impl<S, B, R> std::fmt::Debug for ResponseFuture<S, B, R>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Called { .. } => "called",
+            State::Sniffing { .. } => "sniffing",
+            State::Waiting { .. } => "waiting",
+            State::Ready => "ready",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("attempts", &self.call.log.attempts)
+            .finish_non_exhaustive()
+    }
+}
