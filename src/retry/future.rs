@@ -49,11 +49,12 @@ pin_project! {
             body: Option<R>,
             chunks: Vec<Bytes>,
             len: usize,
-            #[pin]
-            timer: Sleep,
+            timer: Pin<Box<Sleep>>,
         },
-        // Backing off before the next attempt.
-        Waiting { #[pin] sleep: Sleep },
+        // Backing off before the next attempt. The timers are boxed: they
+        // exist only on the failure path, and inline they would triple the
+        // size of every call's future, success path included.
+        Waiting { sleep: Pin<Box<Sleep>> },
         // Waiting for the inner service to be ready for the next attempt.
         Ready,
         // The output was returned.
@@ -367,7 +368,8 @@ where
                         let (parts, body) = response.into_parts();
                         let verdict = classify::classify(parts.status, &parts.headers, None);
                         if worth_sniffing(&parts, &verdict) {
-                            let timer = tokio::time::sleep(this.call.policy.sniff_timeout);
+                            let timer =
+                                Box::pin(tokio::time::sleep(this.call.policy.sniff_timeout));
                             this.state.set(State::Sniffing {
                                 parts: Some(parts),
                                 body: Some(body),
@@ -389,7 +391,7 @@ where
                     timer,
                 } => {
                     let mut failure = None;
-                    let timed_out = timer.poll(cx).is_ready();
+                    let timed_out = timer.as_mut().poll(cx).is_ready();
                     if !timed_out {
                         let Some(inner) = body.as_mut() else {
                             return Poll::Ready(Err(Error::new(ErrorKind::Transport)));
@@ -435,7 +437,7 @@ where
                     this.call.on_response(parts, peeked, verdict)
                 }
                 StateProj::Waiting { sleep } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     this.state.set(State::Ready);
                     continue;
                 }
@@ -463,7 +465,7 @@ where
             match step {
                 Step::Retry(delay) => {
                     this.state.set(State::Waiting {
-                        sleep: tokio::time::sleep(delay),
+                        sleep: Box::pin(tokio::time::sleep(delay)),
                     });
                 }
                 Step::Finish(output) => {
