@@ -442,3 +442,47 @@ async fn dropping_the_call_mid_wait_sends_nothing_more() {
         "the dropped call left nothing running"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_bare_429_waits_for_the_exhausted_window_to_reset() {
+    let mock = MockUpstream::start().await;
+    let reset = rfc3339_utc(std::time::SystemTime::now() + Duration::from_secs(20));
+    mock.push([
+        Reply::rate_limited()
+            .header("anthropic-ratelimit-requests-remaining", "0")
+            .header("anthropic-ratelimit-requests-reset", &reset),
+        Reply::ok(),
+    ]);
+    retrying(policy())
+        .oneshot(messages_request(&mock, "m"))
+        .await
+        .unwrap();
+    let gap = gaps(&mock)[0];
+    // The reset is whole seconds on the wall clock: between 19 and 20 s away.
+    assert!(
+        gap > Duration::from_secs(18) && gap <= Duration::from_secs(21),
+        "{gap:?}"
+    );
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for `at`, computed here so the test does not lean on the crate's parser.
+fn rfc3339_utc(at: std::time::SystemTime) -> String {
+    let secs = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since the epoch (proleptic Gregorian).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}

@@ -271,7 +271,13 @@ impl<B: ReplayableBody> Call<B> {
         }
         let now = SystemTime::now();
         let hints = Hints::from_headers(&parts.headers, now);
-        let server_delay = hints.wait(now);
+        // A rate-limit window's reset says when a 429 can succeed; it says
+        // nothing about an overload or a server error.
+        let server_delay = if verdict.class == Class::RateLimited {
+            hints.wait(now)
+        } else {
+            hints.server_delay
+        };
         self.record(verdict.class, Some(parts.status), hints.request_id.clone());
         match self.decide(verdict, server_delay) {
             Decision::Retry(delay) => {
