@@ -47,6 +47,8 @@ pub mod backoff;
 pub mod body;
 pub mod budget;
 pub mod classify;
+#[cfg(feature = "concurrency")]
+pub mod concurrency;
 mod error;
 pub mod headers;
 mod json;
