@@ -1,0 +1,297 @@
+//! ConcurrencyPerModelLayer against the loopback mock upstream, through a
+//! real hyper-util client, on a paused clock.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use support::{MockUpstream, Reply, client, messages_request};
+use tower::{Layer, Service, ServiceExt};
+use tower_overload::concurrency::{Aimd, ConcurrencyPerModelLayer, KeySnapshot, PermitBody};
+use tower_overload::{Error, ErrorKind, Model};
+
+type Response = http::Response<PermitBody<hyper::body::Incoming>>;
+
+fn limited(
+    layer: &ConcurrencyPerModelLayer,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response,
+    Error = tower_overload::BoxError,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    layer.layer(client())
+}
+
+fn snapshot_of(layer: &ConcurrencyPerModelLayer, key: &str) -> KeySnapshot {
+    layer
+        .snapshot()
+        .into_iter()
+        .find(|s| s.key.as_str() == key)
+        .unwrap_or_else(|| panic!("no key {key} in {:?}", layer.snapshot()))
+}
+
+fn kind(error: &tower_overload::BoxError) -> ErrorKind {
+    error
+        .downcast_ref::<Error>()
+        .expect("the crate's error")
+        .kind()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_thousand_calls_over_three_models_never_exceed_the_caps() {
+    let mock = MockUpstream::start().await;
+    mock.set_latency(Duration::from_secs(1));
+    let layer = ConcurrencyPerModelLayer::new(16)
+        .limit_for("claude-opus-4-6", 4)
+        .limit_for("claude-sonnet-4-6", 8)
+        .max_queued(1000)
+        .queue_timeout(None);
+    let service = limited(&layer);
+    let models = ["claude-opus-4-6", "claude-sonnet-4-6", "claude-haiku-4-5"];
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let service = service.clone();
+        let request = messages_request(&mock, models[i % 3]);
+        tasks.spawn(async move {
+            let response = service.oneshot(request).await.unwrap();
+            response.into_body().collect().await.unwrap();
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(mock.request_count(), 1000);
+    assert_eq!(mock.peak_in_flight("claude-opus-4-6"), 4);
+    assert_eq!(mock.peak_in_flight("claude-sonnet-4-6"), 8);
+    assert_eq!(mock.peak_in_flight("claude-haiku-4-5"), 16);
+    for snapshot in layer.snapshot() {
+        assert_eq!(
+            (snapshot.in_flight, snapshot.queued),
+            (0, 0),
+            "{snapshot:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_keeps_its_permit_until_read_to_the_end() {
+    let mock = MockUpstream::start().await;
+    mock.push_for_model(
+        "m",
+        [
+            Reply::sse_message().chunk_interval(Duration::from_secs(10)),
+            Reply::ok(),
+        ],
+    );
+    let layer = ConcurrencyPerModelLayer::new(1);
+    let service = limited(&layer);
+    let streaming = service
+        .clone()
+        .oneshot(messages_request(&mock, "m"))
+        .await
+        .unwrap();
+    assert!(streaming.body().holds_permit());
+    let second = tokio::spawn(service.clone().oneshot(messages_request(&mock, "m")));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        snapshot_of(&layer, "m").queued,
+        1,
+        "the second call waits for the stream"
+    );
+    assert_eq!(mock.request_count(), 1);
+
+    let text = streaming.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&text).contains("message_stop"));
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(second.status(), 200);
+    assert_eq!(mock.peak_in_flight("m"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_stream_frees_its_permit() {
+    let mock = MockUpstream::start().await;
+    mock.push_for_model(
+        "m",
+        [Reply::sse_message().chunk_interval(Duration::from_secs(10))],
+    );
+    let layer = ConcurrencyPerModelLayer::new(1);
+    let service = limited(&layer);
+    let streaming = service
+        .clone()
+        .oneshot(messages_request(&mock, "m"))
+        .await
+        .unwrap();
+    assert_eq!(snapshot_of(&layer, "m").in_flight, 1);
+    drop(streaming);
+    assert_eq!(snapshot_of(&layer, "m").in_flight, 0);
+    let next = service.oneshot(messages_request(&mock, "m")).await.unwrap();
+    assert_eq!(next.status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_queue_is_bounded_and_a_dropped_waiter_frees_its_slot() {
+    let mock = MockUpstream::start().await;
+    mock.push_for_model(
+        "m",
+        [Reply::slow_body(&["a", "b"], Duration::from_secs(30))],
+    );
+    let layer = ConcurrencyPerModelLayer::new(1).max_queued(1);
+    let service = limited(&layer);
+    let holder = service
+        .clone()
+        .oneshot(messages_request(&mock, "m"))
+        .await
+        .unwrap();
+
+    let mut waiter = Box::pin(service.clone().oneshot(messages_request(&mock, "m")));
+    assert!(futures::poll!(waiter.as_mut()).is_pending());
+    assert_eq!(snapshot_of(&layer, "m").queued, 1);
+
+    let error = service
+        .clone()
+        .oneshot(messages_request(&mock, "m"))
+        .await
+        .unwrap_err();
+    assert_eq!(kind(&error), ErrorKind::QueueFull);
+    assert_eq!(snapshot_of(&layer, "m").rejected, 1);
+
+    drop(waiter);
+    assert_eq!(
+        snapshot_of(&layer, "m").queued,
+        0,
+        "the dropped waiter left the queue"
+    );
+    let mut again = Box::pin(service.clone().oneshot(messages_request(&mock, "m")));
+    assert!(
+        futures::poll!(again.as_mut()).is_pending(),
+        "its slot can be taken again"
+    );
+    drop(holder);
+    assert_eq!(again.await.unwrap().status(), 200);
+    assert_eq!(
+        mock.request_count(),
+        2,
+        "refused and dropped calls never reached the upstream"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_times_out_with_nothing_sent() {
+    let mock = MockUpstream::start().await;
+    mock.push_for_model("m", [Reply::slow_body(&["a"], Duration::from_secs(60))]);
+    let layer = ConcurrencyPerModelLayer::new(1).queue_timeout(Some(Duration::from_secs(5)));
+    let service = limited(&layer);
+    let _holder = service
+        .clone()
+        .oneshot(messages_request(&mock, "m"))
+        .await
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let error = service
+        .oneshot(messages_request(&mock, "m"))
+        .await
+        .unwrap_err();
+    assert_eq!(kind(&error), ErrorKind::QueueTimeout);
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    assert!(error.to_string().contains("for m after 5 s"), "{error}");
+    let snapshot = snapshot_of(&layer, "m");
+    assert_eq!((snapshot.timed_out, snapshot.queued), (1, 0));
+    assert_eq!(mock.request_count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn aimd_shrinks_in_a_529_storm_on_one_model_and_grows_back() {
+    let mock = MockUpstream::start().await;
+    mock.push_for_model(
+        "claude-opus-4-6",
+        std::iter::repeat_n(Reply::overloaded(), 20),
+    );
+    let layer = ConcurrencyPerModelLayer::new(16).adaptive(Aimd::default());
+    let service = limited(&layer);
+    for _ in 0..20 {
+        let response = service
+            .clone()
+            .oneshot(messages_request(&mock, "claude-opus-4-6"))
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 529);
+    }
+    assert_eq!(
+        snapshot_of(&layer, "claude-opus-4-6").limit,
+        1,
+        "shrunk to the floor"
+    );
+    let haiku = service
+        .clone()
+        .oneshot(messages_request(&mock, "claude-haiku-4-5"))
+        .await
+        .unwrap();
+    drop(haiku);
+    assert_eq!(
+        snapshot_of(&layer, "claude-haiku-4-5").limit,
+        16,
+        "other models untouched"
+    );
+
+    // The storm is over: concurrent successes grow the limit back, one at a time.
+    mock.set_latency(Duration::from_secs(1));
+    for _ in 0..40 {
+        let calls: Vec<_> = (0..16)
+            .map(|_| {
+                let service = service.clone();
+                let request = messages_request(&mock, "claude-opus-4-6");
+                tokio::spawn(async move {
+                    let response = service.oneshot(request).await.unwrap();
+                    response.into_body().collect().await.unwrap();
+                })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap();
+        }
+    }
+    assert_eq!(snapshot_of(&layer, "claude-opus-4-6").limit, 16);
+    assert!(mock.peak_in_flight("claude-opus-4-6") <= 16);
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_without_a_model_share_the_default_key() {
+    let mock = MockUpstream::start().await;
+    let layer = ConcurrencyPerModelLayer::new(2).default_key("unknown");
+    let service = limited(&layer);
+    let request = Request::post(mock.url("/v1/messages"))
+        .body(Full::new(Bytes::from_static(b"not json")))
+        .unwrap();
+    let response = service.clone().oneshot(request).await.unwrap();
+    assert_eq!(snapshot_of(&layer, "unknown").in_flight, 1);
+    drop(response);
+
+    // The caller's extension wins over the body.
+    let mut request = messages_request(&mock, "claude-opus-4-6");
+    request.extensions_mut().insert(Model::new("pinned"));
+    drop(service.oneshot(request).await.unwrap());
+    assert_eq!(snapshot_of(&layer, "pinned").limit, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_model_names_cannot_grow_the_table() {
+    let mock = MockUpstream::start().await;
+    let layer = ConcurrencyPerModelLayer::new(2).max_keys(4);
+    let service = limited(&layer);
+    for i in 0..100 {
+        let response = service
+            .clone()
+            .oneshot(messages_request(&mock, &format!("model-{i}")))
+            .await
+            .unwrap();
+        drop(response);
+    }
+    let snapshot = layer.snapshot();
+    assert!(snapshot.len() <= 5, "{snapshot:?}");
+}
