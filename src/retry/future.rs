@@ -305,6 +305,12 @@ impl<B: ReplayableBody> Call<B> {
                 Step::Retry(delay)
             }
             Decision::Stop(stop) => {
+                // An error of this crate from an inner layer (a full queue,
+                // say) already says what happened: pass it on as it is.
+                let error = match error.downcast::<Error>() {
+                    Ok(ours) => return Step::Finish(Err(*ours)),
+                    Err(other) => other,
+                };
                 let kind = match stop {
                     StopReason::NotRetryable => ErrorKind::Transport,
                     other => other.error_kind(),
