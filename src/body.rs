@@ -50,6 +50,14 @@ pub trait ReplayableBody: Body + Sized {
     fn in_memory(&self) -> Option<Bytes> {
         None
     }
+
+    /// A body of this type holding `bytes` instead: how a request is sent
+    /// again with a rewritten body (the same call for another model).
+    /// `None` when the type cannot hold arbitrary bytes.
+    fn with_bytes(&self, bytes: Bytes) -> Option<Self> {
+        let _ = bytes;
+        None
+    }
 }
 
 impl ReplayableBody for Full<Bytes> {
@@ -66,6 +74,10 @@ impl ReplayableBody for Full<Bytes> {
             Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
             _ => Some(Bytes::new()),
         }
+    }
+
+    fn with_bytes(&self, bytes: Bytes) -> Option<Self> {
+        Some(Full::new(bytes))
     }
 }
 
@@ -86,6 +98,10 @@ impl ReplayableBody for String {
 
     fn in_memory(&self) -> Option<Bytes> {
         Some(Bytes::copy_from_slice(self.as_bytes()))
+    }
+
+    fn with_bytes(&self, bytes: Bytes) -> Option<Self> {
+        String::from_utf8(bytes.into()).ok()
     }
 }
 
@@ -597,6 +613,27 @@ mod tests {
         let spare = body.try_clone_body().unwrap();
         assert!(body.collect().await.is_err());
         assert_eq!(spare.replayable(), Err(ReplayError::Failed));
+    }
+
+    #[test]
+    fn in_memory_bodies_can_be_rebuilt_from_bytes() {
+        let full = Full::new(Bytes::from_static(b"a"));
+        let rebuilt = full.with_bytes(Bytes::from_static(b"b")).unwrap();
+        assert_eq!(rebuilt.in_memory().unwrap(), "b");
+        assert_eq!(
+            String::new().with_bytes(Bytes::from_static(b"s")).unwrap(),
+            "s"
+        );
+        assert!(
+            String::new()
+                .with_bytes(Bytes::from_static(b"\xff"))
+                .is_none()
+        );
+        assert!(
+            Empty::<Bytes>::new()
+                .with_bytes(Bytes::from_static(b"x"))
+                .is_none()
+        );
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub mod classify;
 #[cfg(feature = "concurrency")]
 pub mod concurrency;
 mod error;
+#[cfg(feature = "fallback")]
+pub mod fallback;
 pub mod headers;
 mod json;
 pub mod model;

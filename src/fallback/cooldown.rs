@@ -1,0 +1,289 @@
+//! When a model is skipped: a small circuit breaker per model, on an explicit clock.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// When a model that keeps answering "overloaded" is given a rest.
+///
+/// After `overloads` overloaded calls within `window`, the model is skipped
+/// for `cooldown`. Then one call at a time may probe it (half-open): a
+/// success brings it back, another overload skips it again for twice as
+/// long, up to `max_cooldown`. Storms last minutes, hence the defaults.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_overload::fallback::Cooldown;
+///
+/// let cooldown = Cooldown::default();
+/// assert_eq!(cooldown.overloads, 2);
+/// assert_eq!(cooldown.window, Duration::from_secs(60));
+/// assert_eq!(cooldown.cooldown, Duration::from_secs(30));
+/// assert_eq!(cooldown.max_cooldown, Duration::from_secs(300));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cooldown {
+    /// Overloaded calls (after the retries inside) that open the breaker.
+    pub overloads: u32,
+    /// The window they must fall in.
+    pub window: Duration,
+    /// The first rest.
+    pub cooldown: Duration,
+    /// The longest rest, however often probes fail.
+    pub max_cooldown: Duration,
+}
+
+impl Default for Cooldown {
+    fn default() -> Self {
+        Self {
+            overloads: 2,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(30),
+            max_cooldown: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What a breaker lets a call do with its model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Use the model.
+    Use,
+    /// Use the model as the one probe after a cooldown.
+    Probe,
+    /// Skip the model: it is cooling down, or another call is probing it.
+    Skip,
+}
+
+#[derive(Debug)]
+enum State {
+    Closed {
+        overloads: u32,
+        since: Option<Instant>,
+    },
+    Open {
+        until: Instant,
+        rest: Duration,
+    },
+    HalfOpen {
+        probing: bool,
+        rest: Duration,
+    },
+}
+
+/// One model's breaker.
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    policy: Cooldown,
+    state: Mutex<State>,
+}
+
+impl Breaker {
+    pub(crate) fn new(policy: Cooldown) -> Self {
+        Self {
+            policy,
+            state: Mutex::new(State::Closed {
+                overloads: 0,
+                since: None,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Nothing panics while holding it; a poisoned lock still holds a valid state.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn admit(&self, now: Instant) -> Admission {
+        let mut state = self.state();
+        match *state {
+            State::Closed { .. } => Admission::Use,
+            State::Open { until, rest } if now >= until => {
+                *state = State::HalfOpen {
+                    probing: true,
+                    rest,
+                };
+                Admission::Probe
+            }
+            State::Open { .. } => Admission::Skip,
+            State::HalfOpen {
+                probing: false,
+                rest,
+            } => {
+                *state = State::HalfOpen {
+                    probing: true,
+                    rest,
+                };
+                Admission::Probe
+            }
+            State::HalfOpen { probing: true, .. } => Admission::Skip,
+        }
+    }
+
+    /// The model answered overloaded.
+    pub(crate) fn on_overload(&self, now: Instant, probe: bool) {
+        let policy = self.policy;
+        let mut state = self.state();
+        match *state {
+            State::HalfOpen { rest, .. } if probe => {
+                let rest = rest.saturating_mul(2).min(policy.max_cooldown);
+                *state = State::Open {
+                    until: now + rest,
+                    rest,
+                };
+            }
+            State::Closed { overloads, since } => {
+                let fresh =
+                    since.is_none_or(|since| now.saturating_duration_since(since) > policy.window);
+                let (overloads, since) = if fresh {
+                    (1, now)
+                } else {
+                    (overloads + 1, since.unwrap_or(now))
+                };
+                *state = if overloads >= policy.overloads.max(1) {
+                    State::Open {
+                        until: now + policy.cooldown,
+                        rest: policy.cooldown,
+                    }
+                } else {
+                    State::Closed {
+                        overloads,
+                        since: Some(since),
+                    }
+                };
+            }
+            // An overload from a call admitted before the breaker opened: already open.
+            State::Open { .. } | State::HalfOpen { .. } => {}
+        }
+    }
+
+    /// The model answered with something other than an overload.
+    pub(crate) fn on_other(&self, probe: bool, success: bool) {
+        let mut state = self.state();
+        match *state {
+            State::HalfOpen { rest, .. } if probe => {
+                *state = if success {
+                    State::Closed {
+                        overloads: 0,
+                        since: None,
+                    }
+                } else {
+                    // Not an overload, not a success (a 400, say): says nothing about capacity.
+                    State::HalfOpen {
+                        probing: false,
+                        rest,
+                    }
+                };
+            }
+            State::Closed { .. } if success => {
+                *state = State::Closed {
+                    overloads: 0,
+                    since: None,
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A probe ended without an answer (dropped, or failed in transport).
+    pub(crate) fn release_probe(&self) {
+        let mut state = self.state();
+        if let State::HalfOpen { rest, .. } = *state {
+            *state = State::HalfOpen {
+                probing: false,
+                rest,
+            };
+        }
+    }
+
+    pub(crate) fn is_cooling_down(&self, now: Instant) -> bool {
+        match *self.state() {
+            State::Closed { .. } => false,
+            State::Open { until, .. } => now < until,
+            State::HalfOpen { probing, .. } => probing,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn opens_after_k_overloads_in_the_window_then_probes() {
+        let breaker = Breaker::new(Cooldown::default());
+        let t0 = Instant::now();
+        assert_eq!(breaker.admit(t0), Admission::Use);
+        breaker.on_overload(t0, false);
+        assert_eq!(
+            breaker.admit(t0),
+            Admission::Use,
+            "one overload is not a storm"
+        );
+        breaker.on_overload(t0 + S(10), false);
+        assert_eq!(breaker.admit(t0 + S(11)), Admission::Skip);
+        assert!(breaker.is_cooling_down(t0 + S(39)));
+        assert_eq!(breaker.admit(t0 + S(40)), Admission::Probe);
+        assert_eq!(
+            breaker.admit(t0 + S(40)),
+            Admission::Skip,
+            "one probe at a time"
+        );
+        breaker.on_other(true, true);
+        assert_eq!(breaker.admit(t0 + S(41)), Admission::Use);
+    }
+
+    #[test]
+    fn overloads_outside_the_window_do_not_add_up() {
+        let breaker = Breaker::new(Cooldown::default());
+        let t0 = Instant::now();
+        breaker.on_overload(t0, false);
+        breaker.on_overload(t0 + S(61), false);
+        assert_eq!(breaker.admit(t0 + S(61)), Admission::Use);
+    }
+
+    #[test]
+    fn failed_probes_double_the_rest_up_to_the_cap() {
+        let breaker = Breaker::new(Cooldown {
+            overloads: 1,
+            ..Cooldown::default()
+        });
+        let mut now = Instant::now();
+        breaker.on_overload(now, false);
+        let mut rests = Vec::new();
+        for _ in 0..6 {
+            let mut waited = S(0);
+            while breaker.admit(now + waited) != Admission::Probe {
+                waited += S(1);
+            }
+            rests.push(waited.as_secs());
+            now += waited;
+            breaker.on_overload(now, true);
+        }
+        assert_eq!(rests, [30, 60, 120, 240, 300, 300]);
+    }
+
+    #[test]
+    fn a_probe_that_ends_without_an_answer_frees_the_slot() {
+        let breaker = Breaker::new(Cooldown {
+            overloads: 1,
+            ..Cooldown::default()
+        });
+        let t0 = Instant::now();
+        breaker.on_overload(t0, false);
+        assert_eq!(breaker.admit(t0 + S(30)), Admission::Probe);
+        breaker.release_probe();
+        assert_eq!(breaker.admit(t0 + S(30)), Admission::Probe);
+        breaker.on_other(true, false);
+        assert_eq!(
+            breaker.admit(t0 + S(30)),
+            Admission::Probe,
+            "a 400 says nothing about capacity"
+        );
+    }
+}

@@ -1,0 +1,464 @@
+//! The response future of [`ModelFallback`](super::ModelFallback).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::cooldown::Admission;
+use super::{ErrorClass, FallbackRecord, ServedBy, Shared};
+use crate::body::ReplayableBody;
+use crate::classify::{self, Class};
+use crate::headers::{self, RequestId};
+use crate::model::{self, Model};
+
+pin_project! {
+    /// The future of one call through [`ModelFallback`](super::ModelFallback).
+    ///
+    /// Calls outside every chain are the inner future and nothing more.
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        call: Option<FallbackCall<S, B>>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called { #[pin] future: F },
+        Ready,
+        Done,
+    }
+}
+
+/// A call of a chain: what is needed to send it again for the next model.
+struct FallbackCall<S, B> {
+    service: S,
+    shared: Arc<Shared>,
+    template: Template,
+    /// A copy of the original body, to build rewritten bodies of its type.
+    spare: B,
+    bytes: Bytes,
+    requested: Model,
+    chain: usize,
+    position: usize,
+    probe: bool,
+    /// Whether the breaker has heard how the current model's attempt ended.
+    settled: bool,
+    records: Vec<FallbackRecord>,
+    /// The next model's request, while the service gets ready for it.
+    pending: Option<Request<B>>,
+}
+
+struct Template {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    extensions: http::Extensions,
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>> + Clone,
+    B: ReplayableBody,
+{
+    pub(crate) fn new(service: &mut S, request: Request<B>, shared: &Arc<Shared>) -> Self {
+        match FallbackCall::start(service, request, shared) {
+            Ok((call, first)) => {
+                let mut call = call;
+                let future = call.service.call(first);
+                Self {
+                    state: State::Called { future },
+                    call: Some(call),
+                }
+            }
+            Err(request) => Self {
+                state: State::Called {
+                    future: service.call(request),
+                },
+                call: None,
+            },
+        }
+    }
+}
+
+impl<S, B> FallbackCall<S, B>
+where
+    S: Service<Request<B>> + Clone,
+    B: ReplayableBody,
+{
+    /// A call of a chain and its first request, or the request back when it
+    /// takes no part (no model, a model in no chain, a body not in memory).
+    #[allow(clippy::result_large_err)]
+    fn start(
+        service: &mut S,
+        request: Request<B>,
+        shared: &Arc<Shared>,
+    ) -> Result<(Self, Request<B>), Request<B>> {
+        let bytes = request.body().in_memory();
+        let requested = request.extensions().get::<Model>().cloned().or_else(|| {
+            bytes
+                .as_deref()
+                .and_then(model::extract)
+                .map(|m| Model::new(m.as_ref()))
+        });
+        let Some(requested) = requested else {
+            return Err(request);
+        };
+        let Some(&(chain, start)) = shared.positions.get(&requested) else {
+            return Err(request);
+        };
+        let (Some(bytes), Some(spare)) = (bytes, request.body().try_clone_body()) else {
+            return Err(request);
+        };
+        let (parts, body) = request.into_parts();
+        let template = Template {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+            extensions: parts.extensions,
+        };
+        // Take the service made ready for this call; leave a clone.
+        let clone = service.clone();
+        let ready = std::mem::replace(service, clone);
+        let mut call = Self {
+            service: ready,
+            shared: Arc::clone(shared),
+            template,
+            spare,
+            bytes,
+            requested,
+            chain,
+            position: start,
+            probe: false,
+            settled: true,
+            records: Vec::new(),
+            pending: None,
+        };
+        let (selected, probe) = call.select(start, Instant::now()).unwrap_or_else(|| {
+            // Every model is resting: the last of the chain is the best bet.
+            (call.chain_len() - 1, false)
+        });
+        let routed = if selected == start {
+            None
+        } else {
+            call.request_for(selected)
+        };
+        let first = match routed {
+            Some(request) => {
+                call.position = selected;
+                call.probe = probe;
+                request
+            }
+            None => {
+                if selected != start
+                    && probe
+                    && let Some(breaker) = call.breaker_at(selected)
+                {
+                    breaker.release_probe();
+                }
+                call.probe = probe && selected == start;
+                call.template_request(body, None)
+            }
+        };
+        call.settled = false;
+        Ok((call, first))
+    }
+
+    fn breaker_at(&self, position: usize) -> Option<&super::cooldown::Breaker> {
+        self.shared.breakers.get(self.model_at(position)?)
+    }
+
+    fn chain_len(&self) -> usize {
+        self.shared.chains[self.chain].len()
+    }
+
+    fn model_at(&self, position: usize) -> Option<&Model> {
+        self.shared
+            .step(self.chain, position)
+            .map(|step| &step.model)
+    }
+
+    /// The first model from `from` on that its breaker lets this call use;
+    /// skipped ones are recorded.
+    fn select(&mut self, from: usize, now: Instant) -> Option<(usize, bool)> {
+        for position in from..self.chain_len() {
+            let model = self.model_at(position)?.clone();
+            match self.shared.breakers.get(&model).map(|b| b.admit(now)) {
+                Some(Admission::Use) | None => return Some((position, false)),
+                Some(Admission::Probe) => return Some((position, true)),
+                Some(Admission::Skip) => self.records.push(FallbackRecord {
+                    model,
+                    skipped: true,
+                    class: None,
+                    status: None,
+                    request_ids: Vec::new(),
+                }),
+            }
+        }
+        None
+    }
+
+    fn template_request(&self, body: B, routed: Option<usize>) -> Request<B> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.template.method.clone();
+        *request.uri_mut() = self.template.uri.clone();
+        *request.version_mut() = self.template.version;
+        *request.headers_mut() = self.template.headers.clone();
+        *request.extensions_mut() = self.template.extensions.clone();
+        let Some(position) = routed else {
+            return request;
+        };
+        let Some(step) = self.shared.step(self.chain, position) else {
+            return request;
+        };
+        request.extensions_mut().insert(step.model.clone());
+        if let Some(route) = &step.route {
+            let (mut parts, body) = request.into_parts();
+            route(&mut parts);
+            request = Request::from_parts(parts, body);
+        }
+        request
+    }
+
+    /// The call, for the model at `position`: body rewritten, routed.
+    fn request_for(&self, position: usize) -> Option<Request<B>> {
+        let model = self.model_at(position)?;
+        let body = if *model == self.requested {
+            self.spare.with_bytes(self.bytes.clone())?
+        } else {
+            self.spare
+                .with_bytes(model::rewrite(&self.bytes, model.as_str())?)?
+        };
+        Some(self.template_request(body, (*model != self.requested).then_some(position)))
+    }
+
+    fn current_model(&self) -> Model {
+        self.model_at(self.position)
+            .cloned()
+            .unwrap_or_else(|| self.requested.clone())
+    }
+
+    /// Tells the current model's breaker how its attempt ended.
+    fn settle(&mut self, class: Option<Class>) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        let Some(breaker) = self.shared.breakers.get(&self.current_model()) else {
+            return;
+        };
+        match class {
+            Some(class) if self.shared.triggers.contains(&class) => {
+                breaker.on_overload(Instant::now(), self.probe);
+            }
+            Some(class) => breaker.on_other(self.probe, class == Class::Success),
+            None if self.probe => breaker.release_probe(),
+            None => {}
+        }
+    }
+
+    /// After a triggering outcome: the next model's request, if the chain has one.
+    fn next_request(&mut self) -> Option<Request<B>> {
+        let (position, probe) = self.select(self.position + 1, Instant::now())?;
+        let request = self.request_for(position)?;
+        let from = self.current_model();
+        self.position = position;
+        self.probe = probe;
+        self.settled = false;
+        let to = self.current_model();
+        let ids: Vec<&str> = self
+            .records
+            .iter()
+            .flat_map(|r| r.request_ids.iter().map(RequestId::as_str))
+            .collect();
+        tracing::warn!(
+            target: "tower_overload::fallback",
+            requested = %self.requested,
+            from = %from,
+            to = %to,
+            probe,
+            request_ids = ?ids,
+            "model overloaded; falling back"
+        );
+        Some(request)
+    }
+
+    fn served_by(&mut self) -> ServedBy {
+        ServedBy {
+            requested: self.requested.clone(),
+            served: self.current_model(),
+            fallbacks: std::mem::take(&mut self.records),
+        }
+    }
+}
+
+impl<S, B> Drop for FallbackCall<S, B> {
+    fn drop(&mut self) {
+        // A probe dropped before its answer must not hold the probe slot forever.
+        if self.probe
+            && !self.settled
+            && let Some(step) = self.shared.step(self.chain, self.position)
+            && let Some(breaker) = self.shared.breakers.get(&step.model)
+        {
+            breaker.release_probe();
+        }
+    }
+}
+
+/// The class of a response: the retry layer's verdict when it left one
+/// (it may have read the body), else the status and headers.
+fn response_class<R>(response: &Response<R>) -> (Class, Vec<RequestId>) {
+    #[cfg(feature = "retry")]
+    if let Some(report) = response.extensions().get::<crate::retry::RetryReport>()
+        && let Some(last) = report.attempts.last()
+    {
+        return (last.class, report.request_ids().cloned().collect());
+    }
+    let class = classify::classify(response.status(), response.headers(), None).class;
+    (
+        class,
+        headers::request_id(response.headers())
+            .into_iter()
+            .collect(),
+    )
+}
+
+impl<S, B, R> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<R>> + Clone,
+    S::Error: ErrorClass,
+    B: ReplayableBody,
+{
+    type Output = Result<Response<R>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Called { future } => {
+                    let result = ready!(future.poll(cx));
+                    let Some(call) = this.call.as_mut() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(result);
+                    };
+                    match result {
+                        Ok(mut response) => {
+                            let (class, request_ids) = response_class(&response);
+                            call.settle(Some(class));
+                            if call.shared.triggers.contains(&class) {
+                                call.records.push(FallbackRecord {
+                                    model: call.current_model(),
+                                    skipped: false,
+                                    class: Some(class),
+                                    status: Some(response.status()),
+                                    request_ids,
+                                });
+                                if call.fall_back() {
+                                    this.state.set(State::Ready);
+                                    continue;
+                                }
+                            }
+                            let served = call.served_by();
+                            if let Some(name) = &call.shared.served_by_header
+                                && let Ok(value) = HeaderValue::from_str(served.served.as_str())
+                            {
+                                response.headers_mut().insert(name.clone(), value);
+                            }
+                            response.extensions_mut().insert(served);
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(response));
+                        }
+                        Err(error) => {
+                            let class = error.error_class();
+                            call.settle(class);
+                            if class.is_some_and(|c| call.shared.triggers.contains(&c)) {
+                                call.records.push(FallbackRecord {
+                                    model: call.current_model(),
+                                    skipped: false,
+                                    class,
+                                    status: None,
+                                    request_ids: Vec::new(),
+                                });
+                                if call.fall_back() {
+                                    this.state.set(State::Ready);
+                                    continue;
+                                }
+                            }
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                    }
+                }
+                StateProj::Ready => {
+                    let Some(call) = this.call.as_mut() else {
+                        unreachable!("only calls of a chain fall back");
+                    };
+                    if let Err(error) = ready!(call.service.poll_ready(cx)) {
+                        call.settle(None);
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error));
+                    }
+                    let Some(request) = call.pending.take() else {
+                        unreachable!("a fallback request is pending in the ready state");
+                    };
+                    let future = call.service.call(request);
+                    this.state.set(State::Called { future });
+                }
+                StateProj::Done => panic!("ResponseFuture polled after it completed"),
+            }
+        }
+    }
+}
+
+impl<S, B> FallbackCall<S, B>
+where
+    S: Service<Request<B>> + Clone,
+    B: ReplayableBody,
+{
+    /// After a triggering outcome (recorded last): readies the next model's
+    /// request. `false` when the chain has none left, and the outcome is
+    /// the call's answer (its record is dropped: it is no fallback).
+    fn fall_back(&mut self) -> bool {
+        let kept = self.records.len();
+        match self.next_request() {
+            Some(request) => {
+                self.pending = Some(request);
+                true
+            }
+            None => {
+                self.records.truncate(kept - 1);
+                false
+            }
+        }
+    }
+}
+
+impl<S, B> std::fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Called { .. } => "called",
+            State::Ready => "ready",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("in_chain", &self.call.is_some())
+            .finish_non_exhaustive()
+    }
+}
