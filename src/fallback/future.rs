@@ -12,11 +12,12 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::cooldown::Admission;
-use super::{ErrorClass, FallbackRecord, ServedBy, Shared};
+use super::{FallbackRecord, ServedBy, Shared};
 use crate::body::ReplayableBody;
 use crate::classify::{self, Class};
 use crate::headers::{self, RequestId};
 use crate::model::{self, Model};
+use crate::{BoxError, Error};
 
 pin_project! {
     /// The future of one call through [`ModelFallback`](super::ModelFallback).
@@ -339,10 +340,10 @@ fn response_class<R>(response: &Response<R>) -> (Class, Vec<RequestId>) {
 impl<S, B, R> Future for ResponseFuture<S, B>
 where
     S: Service<Request<B>, Response = Response<R>> + Clone,
-    S::Error: ErrorClass,
+    S::Error: Into<BoxError>,
     B: ReplayableBody,
 {
-    type Output = Result<Response<R>, S::Error>;
+    type Output = Result<Response<R>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -352,7 +353,7 @@ where
                     let result = ready!(future.poll(cx));
                     let Some(call) = this.call.as_mut() else {
                         this.state.set(State::Done);
-                        return Poll::Ready(result);
+                        return Poll::Ready(result.map_err(Into::into));
                     };
                     match result {
                         Ok(mut response) => {
@@ -382,7 +383,8 @@ where
                             return Poll::Ready(Ok(response));
                         }
                         Err(error) => {
-                            let class = error.error_class();
+                            let error: BoxError = error.into();
+                            let class = error.downcast_ref::<Error>().and_then(Error::class);
                             call.settle(class);
                             if class.is_some_and(|c| call.shared.triggers.contains(&c)) {
                                 call.records.push(FallbackRecord {
@@ -409,7 +411,7 @@ where
                     if let Err(error) = ready!(call.service.poll_ready(cx)) {
                         call.settle(None);
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(error));
+                        return Poll::Ready(Err(error.into()));
                     }
                     let Some(request) = call.pending.take() else {
                         unreachable!("a fallback request is pending in the ready state");

@@ -10,6 +10,11 @@
 //! a response header, and every fallback is a `tracing` event with the
 //! request ids involved.
 //!
+//! Errors of the inner service come back boxed ([`BoxError`]); one that is
+//! this crate's [`Error`](crate::Error) with a trigger class (the retry
+//! layer's [`FinalFailure::Error`](crate::retry::FinalFailure::Error) mode)
+//! falls back like the response it stands for.
+//!
 //! A model that keeps answering "overloaded" is skipped for a while
 //! ([`Cooldown`]): not contacted at all, so a storm costs one wasted call,
 //! not one per request. After the rest, one call at a time probes it.
@@ -50,7 +55,6 @@ pub mod future;
 mod layer;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -62,13 +66,13 @@ pub use self::cooldown::Cooldown;
 pub use self::layer::ModelFallbackLayer;
 
 use self::cooldown::Breaker;
+use crate::BoxError;
 use crate::body::ReplayableBody;
 #[cfg(doc)]
 use crate::body::ReplayableBody as _;
 use crate::classify::Class;
 use crate::headers::RequestId;
 use crate::model::Model;
-use crate::{BoxError, Error};
 
 /// One entry of a fallback chain: a model, and optionally a change to the
 /// request for it (another endpoint or gateway serving that model).
@@ -191,33 +195,6 @@ impl ServedBy {
     }
 }
 
-/// The class of an error of the inner service, if it knows one: how the
-/// fallback layer tells an overload that surfaced as an error (the retry
-/// layer's [`FinalFailure::Error`](crate::retry::FinalFailure::Error) mode)
-/// from a transport failure.
-pub trait ErrorClass {
-    /// The class, when the error carries one.
-    fn error_class(&self) -> Option<Class>;
-}
-
-impl ErrorClass for Error {
-    fn error_class(&self) -> Option<Class> {
-        self.class()
-    }
-}
-
-impl ErrorClass for BoxError {
-    fn error_class(&self) -> Option<Class> {
-        self.downcast_ref::<Error>()?.class()
-    }
-}
-
-impl ErrorClass for Infallible {
-    fn error_class(&self) -> Option<Class> {
-        match *self {}
-    }
-}
-
 /// The chains, their breakers and the settings, shared by every clone.
 pub(crate) struct Shared {
     chains: Vec<Vec<FallbackStep>>,
@@ -310,15 +287,15 @@ impl<S> ModelFallback<S> {
 impl<S, B, R> Service<Request<B>> for ModelFallback<S>
 where
     S: Service<Request<B>, Response = Response<R>> + Clone,
-    S::Error: ErrorClass,
+    S::Error: Into<BoxError>,
     B: ReplayableBody,
 {
     type Response = Response<R>;
-    type Error = S::Error;
+    type Error = BoxError;
     type Future = future::ResponseFuture<S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
