@@ -450,9 +450,19 @@ impl<B: Body> PeekedBody<B> {
         self
     }
 
-    /// Yields `error` after the prefix, instead of the rest of the inner body
-    /// (the error the peek ran into).
-    pub(crate) fn with_error(mut self, error: B::Error) -> Self {
+    /// Yields `error` after the prefix, before the rest of the inner body:
+    /// the error the peek ran into, handed on to the caller.
+    ///
+    /// ```
+    /// # use tower_overload::body::PeekedBody;
+    /// use http_body_util::{BodyExt, StreamBody};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let never = StreamBody::new(futures::stream::empty::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>());
+    /// let body = PeekedBody::new(never).with_error(std::io::Error::other("cut off"));
+    /// assert!(body.collect().await.is_err());
+    /// # }
+    /// ```
+    pub fn with_error(mut self, error: B::Error) -> Self {
         self.error = Some(error);
         self
     }

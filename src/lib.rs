@@ -55,6 +55,8 @@ pub mod fallback;
 pub mod headers;
 mod json;
 pub mod model;
+#[cfg(feature = "request-id")]
+pub mod request_id;
 #[cfg(feature = "retry")]
 pub mod retry;
 mod time;

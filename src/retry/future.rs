@@ -217,6 +217,7 @@ impl<B: ReplayableBody> Call<B> {
             waited: self.waited,
             elapsed: self.started.elapsed(),
             stop,
+            max_attempts: self.policy.max_attempts,
         }
     }
 

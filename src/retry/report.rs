@@ -56,7 +56,7 @@ pub struct AttemptRecord {
 /// use tower_overload::retry::{RetryReport, StopReason};
 /// # let response = {
 /// #     let mut r = http::Response::new(());
-/// #     r.extensions_mut().insert(RetryReport { attempts: Vec::new(), waited: std::time::Duration::ZERO, elapsed: std::time::Duration::ZERO, stop: StopReason::Success });
+/// #     r.extensions_mut().insert(RetryReport { attempts: Vec::new(), waited: std::time::Duration::ZERO, elapsed: std::time::Duration::ZERO, stop: StopReason::Success, max_attempts: 1 });
 /// #     r
 /// # };
 /// let report = response.extensions().get::<RetryReport>().unwrap();
@@ -72,6 +72,8 @@ pub struct RetryReport {
     pub elapsed: Duration,
     /// Why the call ended where it did.
     pub stop: StopReason,
+    /// The most attempts the policy allowed.
+    pub max_attempts: u32,
 }
 
 impl RetryReport {
@@ -79,7 +81,7 @@ impl RetryReport {
     ///
     /// ```
     /// # use tower_overload::retry::{RetryReport, StopReason};
-    /// let report = RetryReport { attempts: Vec::new(), waited: Default::default(), elapsed: Default::default(), stop: StopReason::Success };
+    /// let report = RetryReport { attempts: Vec::new(), waited: Default::default(), elapsed: Default::default(), stop: StopReason::Success, max_attempts: 1 };
     /// assert_eq!(report.retries(), 0);
     /// ```
     pub fn retries(&self) -> usize {
@@ -90,7 +92,7 @@ impl RetryReport {
     ///
     /// ```
     /// # use tower_overload::retry::{RetryReport, StopReason};
-    /// # let report = RetryReport { attempts: Vec::new(), waited: Default::default(), elapsed: Default::default(), stop: StopReason::Success };
+    /// # let report = RetryReport { attempts: Vec::new(), waited: Default::default(), elapsed: Default::default(), stop: StopReason::Success, max_attempts: 1 };
     /// for id in report.request_ids() {
     ///     println!("{id}");
     /// }

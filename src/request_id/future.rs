@@ -1,0 +1,250 @@
+//! The response future of [`RequestIdLog`](super::RequestIdLog).
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderValue, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tracing::Span;
+
+use super::{MakeSpan, OnOutcome, Outcome, Shared};
+use crate::classify::{self, Class};
+use crate::headers;
+use crate::model::Model;
+use crate::{BoxError, Error, ErrorKind};
+
+pin_project! {
+    /// The future of one call through [`RequestIdLog`](super::RequestIdLog):
+    /// the inner future, polled inside the call's span.
+    pub struct ResponseFuture<F, M, O> {
+        #[pin]
+        inner: F,
+        span: Span,
+        shared: Arc<Shared<M, O>>,
+        correlation_id: HeaderValue,
+        model: Option<Model>,
+        start: Instant,
+    }
+}
+
+impl<F, M, O> ResponseFuture<F, M, O> {
+    pub(crate) fn new(
+        inner: F,
+        span: Span,
+        shared: Arc<Shared<M, O>>,
+        correlation_id: HeaderValue,
+        model: Option<Model>,
+    ) -> Self {
+        Self {
+            inner,
+            span,
+            shared,
+            correlation_id,
+            model,
+            start: Instant::now(),
+        }
+    }
+}
+
+/// This crate's error inside `error`, whether it is one or a boxed one.
+fn crate_error<E: 'static>(error: &E) -> Option<&Error> {
+    let any: &dyn Any = error;
+    any.downcast_ref::<Error>()
+        .or_else(|| any.downcast_ref::<BoxError>()?.downcast_ref::<Error>())
+}
+
+impl<F, M, O, R, E> Future for ResponseFuture<F, M, O>
+where
+    F: Future<Output = Result<Response<R>, E>>,
+    E: fmt::Display + 'static,
+    M: MakeSpan,
+    O: OnOutcome,
+{
+    type Output = Result<Response<R>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let mut result = ready!(this.inner.poll(cx));
+        let latency = this.start.elapsed();
+        let correlation_id = this.correlation_id.to_str().unwrap_or("-");
+        let shared = &**this.shared;
+        match &mut result {
+            Ok(response) => {
+                record_response(
+                    shared,
+                    response,
+                    this.model.as_ref(),
+                    correlation_id,
+                    latency,
+                );
+            }
+            Err(error) => {
+                let ours = crate_error(&*error);
+                let class = ours.and_then(Error::class).unwrap_or(Class::Transport);
+                let model = ours.and_then(Error::model).or(this.model.as_ref());
+                let exhausted = ours.is_some_and(|e| {
+                    matches!(
+                        e.kind(),
+                        ErrorKind::RetriesExhausted
+                            | ErrorKind::BudgetExhausted
+                            | ErrorKind::DeadlineExceeded
+                    )
+                });
+                if let Some(stats) = &shared.stats {
+                    stats.record(model, class);
+                }
+                shared.on_outcome.on_outcome(&Outcome {
+                    class,
+                    status: ours.and_then(Error::status),
+                    request_id: ours.and_then(Error::request_id),
+                    correlation_id,
+                    model,
+                    attempt: ours
+                        .filter(|e| e.attempts() > 0)
+                        .map(|e| (e.attempts(), e.attempts())),
+                    latency: Some(latency),
+                    delay: ours.and_then(Error::server_delay),
+                    is_final: true,
+                    exhausted,
+                    error: Some(&*error),
+                });
+            }
+        }
+        Poll::Ready(result)
+    }
+}
+
+fn record_response<M, O: OnOutcome, R>(
+    shared: &Shared<M, O>,
+    response: &mut Response<R>,
+    asked: Option<&Model>,
+    correlation_id: &str,
+    latency: Duration,
+) {
+    let request_id = headers::request_id(response.headers());
+    if let Some(id) = &request_id {
+        response.extensions_mut().insert(id.clone());
+    }
+    let served = served_model(response).or_else(|| asked.cloned());
+    let served = served.as_ref();
+
+    // Models given up by the fallback layer, with their attempts' ids.
+    #[cfg(feature = "fallback")]
+    if let Some(served_by) = response.extensions().get::<crate::fallback::ServedBy>() {
+        for record in served_by.fallbacks.iter().filter(|r| !r.skipped) {
+            let class = record.class.unwrap_or(Class::Transport);
+            for id in &record.request_ids {
+                if let Some(stats) = &shared.stats {
+                    stats.record(Some(&record.model), class);
+                }
+                shared.on_outcome.on_outcome(&Outcome {
+                    class,
+                    status: record.status,
+                    request_id: Some(id),
+                    correlation_id,
+                    model: Some(&record.model),
+                    attempt: None,
+                    latency: None,
+                    delay: None,
+                    is_final: false,
+                    exhausted: false,
+                    error: None,
+                });
+            }
+        }
+    }
+
+    let (class, attempt, exhausted) = attempts_of(shared, response, served, correlation_id);
+    let delay = if class.is_failure() {
+        headers::server_delay(response.headers(), SystemTime::now())
+    } else {
+        None
+    };
+    shared.on_outcome.on_outcome(&Outcome {
+        class,
+        status: Some(response.status()),
+        request_id: request_id.as_ref(),
+        correlation_id,
+        model: served,
+        attempt,
+        latency: Some(latency),
+        delay,
+        is_final: true,
+        exhausted,
+        error: None,
+    });
+}
+
+fn served_model<R>(response: &Response<R>) -> Option<Model> {
+    #[cfg(feature = "fallback")]
+    if let Some(served_by) = response.extensions().get::<crate::fallback::ServedBy>() {
+        return Some(served_by.served.clone());
+    }
+    let _ = response;
+    None
+}
+
+/// The final outcome's class, its attempt number and whether retries were
+/// spent on it. Earlier attempts in the retry layer's report are recorded on
+/// the way, and every attempt (the final one included) is counted in the stats.
+fn attempts_of<M, O: OnOutcome, R>(
+    shared: &Shared<M, O>,
+    response: &Response<R>,
+    model: Option<&Model>,
+    correlation_id: &str,
+) -> (Class, Option<(u32, u32)>, bool) {
+    #[cfg(feature = "retry")]
+    if let Some(report) = response.extensions().get::<crate::retry::RetryReport>()
+        && let Some((last, earlier)) = report.attempts.split_last()
+    {
+        for (index, attempt) in earlier.iter().enumerate() {
+            if let Some(stats) = &shared.stats {
+                stats.record(model, attempt.class);
+            }
+            shared.on_outcome.on_outcome(&Outcome {
+                class: attempt.class,
+                status: attempt.status,
+                request_id: attempt.request_id.as_ref(),
+                correlation_id,
+                model,
+                attempt: Some((index as u32 + 1, report.max_attempts)),
+                latency: None,
+                delay: attempt.wait_after,
+                is_final: false,
+                exhausted: false,
+                error: None,
+            });
+        }
+        if let Some(stats) = &shared.stats {
+            stats.record(model, last.class);
+        }
+        let exhausted = last.class.is_failure() && !earlier.is_empty();
+        return (
+            last.class,
+            Some((report.attempts.len() as u32, report.max_attempts)),
+            exhausted,
+        );
+    }
+    let _ = correlation_id;
+    let class = classify::classify(response.status(), response.headers(), None).class;
+    if let Some(stats) = &shared.stats {
+        stats.record(model, class);
+    }
+    (class, None, false)
+}
+
+impl<F, M, O> fmt::Debug for ResponseFuture<F, M, O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("correlation_id", &self.correlation_id)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}

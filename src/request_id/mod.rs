@@ -1,0 +1,250 @@
+//! [`RequestIdLogLayer`]: a `tracing` record of every call and attempt, with the API's request id.
+//!
+//! Support asks for the `request-id` of a failed call; most clients never
+//! record it. This layer opens a span per call and records an event per
+//! outcome with the status, the [class](crate::classify::Class), the
+//! `request-id` (or, when the response has none, a client-side correlation
+//! id that it also sends as a request header), the model, the attempt and
+//! of how many, the latency and the server's delay. Placed outside the
+//! retry and fallback layers (the recommended order), it also records every
+//! earlier attempt and every model given up, from their
+//! [`RetryReport`](crate::retry::RetryReport) and
+//! [`ServedBy`](crate::fallback::ServedBy), each with its own request id.
+//!
+//! Successes are DEBUG; overloads, rate limits, server errors and timeouts
+//! WARN; client errors and failures whose retries were spent ERROR (see
+//! [`DefaultOnOutcome`]; swap [`MakeSpan`] or [`OnOutcome`] to change what
+//! is recorded). Secrets are never logged: no header and no body is
+//! recorded, only the URI's path, and `authorization`, `x-api-key`,
+//! `cookie` and `proxy-authorization` are marked sensitive on the way
+//! through, so that layers inside print them as `Sensitive`.
+//!
+//! The response gets the [`RequestId`] in its extensions. An optional
+//! [`OverloadStats`] counts outcomes per class and model over the last
+//! minute: the 529 rate, with an alert callback.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_overload::RequestId;
+//! use tower_overload::request_id::{OverloadStats, RequestIdLogLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let stats = OverloadStats::new();
+//! let upstream = service_fn(|_: Request<Full<Bytes>>| async {
+//!     let response = Response::builder().status(529).header("request-id", "req_1").body(Full::new(Bytes::new())).unwrap();
+//!     Ok::<_, std::convert::Infallible>(response)
+//! });
+//! let client = ServiceBuilder::new()
+//!     .layer(RequestIdLogLayer::new().stats(stats.clone()))
+//!     .service(upstream);
+//! let response = client.oneshot(Request::new(Full::new(Bytes::from_static(br#"{"model":"claude-opus-4-6"}"#)))).await.unwrap();
+//! assert_eq!(response.extensions().get::<RequestId>().unwrap().as_str(), "req_1");
+//! assert_eq!(stats.overload_rate(), 1.0);
+//! # }
+//! ```
+
+mod callbacks;
+pub mod future;
+mod layer;
+mod stats;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use http::header::{AUTHORIZATION, COOKIE, Entry, PROXY_AUTHORIZATION, SET_COOKIE};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use tower_service::Service;
+
+pub use self::callbacks::{
+    CallInfo, DefaultMakeSpan, DefaultOnOutcome, MakeSpan, OnOutcome, Outcome,
+};
+pub use self::layer::RequestIdLogLayer;
+pub use self::stats::{AlertState, ClassCounts, OverloadAlert, OverloadStats};
+
+use crate::body::ReplayableBody;
+use crate::headers::RequestId;
+use crate::model::{self, Model};
+
+/// The default request header carrying the client-side correlation id.
+pub const X_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-client-request-id");
+
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// Marks the headers that carry secrets as sensitive, so `Debug` prints `Sensitive`.
+///
+/// ```
+/// use http::HeaderMap;
+/// use tower_overload::request_id::mark_sensitive;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("x-api-key", "sk-ant-secret".parse().unwrap());
+/// mark_sensitive(&mut headers);
+/// assert!(!format!("{headers:?}").contains("sk-ant-secret"));
+/// ```
+pub fn mark_sensitive(headers: &mut HeaderMap) {
+    for name in [
+        AUTHORIZATION,
+        X_API_KEY,
+        COOKIE,
+        SET_COOKIE,
+        PROXY_AUTHORIZATION,
+    ] {
+        if let Entry::Occupied(mut entry) = headers.entry(name) {
+            for value in entry.iter_mut() {
+                value.set_sensitive(true);
+            }
+        }
+    }
+}
+
+/// State shared by every clone of the service.
+pub(crate) struct Shared<M, O> {
+    make_span: M,
+    on_outcome: O,
+    stats: Option<OverloadStats>,
+    correlation_header: HeaderName,
+    ids: AtomicU64,
+    seed: u64,
+}
+
+impl<M, O> Shared<M, O> {
+    fn next_correlation_id(&self) -> HeaderValue {
+        let n = self.ids.fetch_add(1, Ordering::Relaxed);
+        // Scrambled so ids from different processes rarely collide.
+        let id = (n ^ self.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self.seed.rotate_left(17);
+        let mut text = *b"cli_0000000000000000";
+        for (i, byte) in text[4..].iter_mut().enumerate() {
+            *byte = b"0123456789abcdef"[((id >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("cli_unknown"))
+    }
+}
+
+impl<M: fmt::Debug, O: fmt::Debug> fmt::Debug for Shared<M, O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("make_span", &self.make_span)
+            .field("on_outcome", &self.on_outcome)
+            .field("stats", &self.stats)
+            .field("correlation_header", &self.correlation_header)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Records calls and attempts with their request ids; made by [`RequestIdLogLayer`].
+#[derive(Debug)]
+pub struct RequestIdLog<S, M = DefaultMakeSpan, O = DefaultOnOutcome> {
+    inner: S,
+    shared: Arc<Shared<M, O>>,
+}
+
+impl<S: Clone, M, O> Clone for RequestIdLog<S, M, O> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+// ===== impl RequestIdLog =====
+
+impl<S, M, O> RequestIdLog<S, M, O> {
+    /// The inner service.
+    ///
+    /// ```
+    /// # use tower::Layer;
+    /// # use tower_overload::request_id::RequestIdLogLayer;
+    /// assert_eq!(*RequestIdLogLayer::new().layer(7u8).get_ref(), 7);
+    /// ```
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    ///
+    /// ```
+    /// # use tower::Layer;
+    /// # use tower_overload::request_id::RequestIdLogLayer;
+    /// let mut service = RequestIdLogLayer::new().layer(7u8);
+    /// *service.get_mut() = 8;
+    /// ```
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    ///
+    /// ```
+    /// # use tower::Layer;
+    /// # use tower_overload::request_id::RequestIdLogLayer;
+    /// assert_eq!(RequestIdLogLayer::new().layer(7u8).into_inner(), 7);
+    /// ```
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, M, O, B, R> Service<Request<B>> for RequestIdLog<S, M, O>
+where
+    S: Service<Request<B>, Response = Response<R>>,
+    S::Error: fmt::Display + 'static,
+    M: MakeSpan,
+    O: OnOutcome,
+    B: ReplayableBody,
+{
+    type Response = Response<R>;
+    type Error = S::Error;
+    type Future = future::ResponseFuture<S::Future, M, O>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        mark_sensitive(request.headers_mut());
+        let correlation_id = match request.headers().get(&self.shared.correlation_header) {
+            Some(value) if RequestId::new(value.clone()).is_some() => value.clone(),
+            _ => {
+                let id = self.shared.next_correlation_id();
+                request
+                    .headers_mut()
+                    .insert(self.shared.correlation_header.clone(), id.clone());
+                id
+            }
+        };
+        let model = match request.extensions().get::<Model>() {
+            Some(model) => Some(model.clone()),
+            None => {
+                let found = request
+                    .body()
+                    .in_memory()
+                    .and_then(|body| model::extract(&body).map(|m| Model::new(m.as_ref())));
+                // Inner layers (fallback, concurrency) then need not read the body again.
+                if let Some(model) = &found {
+                    request.extensions_mut().insert(model.clone());
+                }
+                found
+            }
+        };
+        let span = self.shared.make_span.make_span(&CallInfo {
+            method: request.method(),
+            uri: request.uri(),
+            model: model.as_ref(),
+            correlation_id: correlation_id.to_str().unwrap_or("-"),
+        });
+        let future = span.in_scope(|| self.inner.call(request));
+        future::ResponseFuture::new(
+            future,
+            span,
+            Arc::clone(&self.shared),
+            correlation_id,
+            model,
+        )
+    }
+}
