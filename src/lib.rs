@@ -21,9 +21,14 @@
 //!    - [`Error`]: one error type with the class, status, request id,
 //!      attempts and elapsed time, and a message a person can act on.
 //! 2. **Layers**, thin shells over the core, one per cargo feature:
-//!    `OverloadRetryLayer`, `ConcurrencyPerModelLayer`, `ModelFallbackLayer`
-//!    and `RequestIdLogLayer`, stacked outermost first in that order
-//!    (log, fallback, retry, concurrency, client).
+//!    - [`retry`]: `OverloadRetryLayer`, the one retry loop;
+//!    - [`concurrency`]: `ConcurrencyPerModelLayer`, per-model caps held
+//!      until the response body ends;
+//!    - [`fallback`]: `ModelFallbackLayer`, opt-in model chains with cooldowns;
+//!    - [`request_id`]: `RequestIdLogLayer`, tracing with request ids and
+//!      the 529-rate health signal;
+//!    - [`stack`]: all four in the recommended order (log, fallback, retry,
+//!      concurrency, client) and a `ServiceBuilderExt`.
 //!
 //! ```
 //! use http::{HeaderMap, StatusCode};
@@ -59,6 +64,13 @@ pub mod model;
 pub mod request_id;
 #[cfg(feature = "retry")]
 pub mod retry;
+#[cfg(all(
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
+pub mod stack;
 mod time;
 
 pub use error::{BoxError, Error, ErrorKind};

@@ -82,3 +82,123 @@ async fn a_full_queue_surfaces_as_itself_through_the_retry_layer() {
     assert_eq!(error.kind(), ErrorKind::QueueFull);
     assert_eq!(mock.request_count(), 1);
 }
+
+mod full_stack {
+    use http_body_util::BodyExt;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    use tower::{Layer, ServiceExt};
+    use tower_overload::RequestId;
+    use tower_overload::concurrency::ConcurrencyPerModelLayer;
+    use tower_overload::fallback::{ModelFallbackLayer, ServedBy};
+    use tower_overload::request_id::OverloadStats;
+    use tower_overload::retry::RetryPolicy;
+    use tower_overload::stack::OverloadStack;
+
+    use crate::support::{MockUpstream, Reply, client, messages_request};
+
+    /// Everything the fmt subscriber writes, for assertions.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        (captured, guard)
+    }
+
+    const OPUS: &str = "claude-opus-4-6";
+    const SONNET: &str = "claude-sonnet-4-6";
+
+    #[tokio::test(start_paused = true)]
+    async fn a_storm_with_fallback_on_is_served_by_the_next_model_and_fully_logged() {
+        let (logs, _guard) = capture();
+        let mock = MockUpstream::start().await;
+        mock.push_for_model(OPUS, std::iter::repeat_n(Reply::overloaded(), 100));
+        let stats = OverloadStats::new();
+        let service = OverloadStack::new()
+            .retry(RetryPolicy::foreground().budget(None).seed(8))
+            .concurrency(ConcurrencyPerModelLayer::new(4))
+            .fallback(ModelFallbackLayer::new([OPUS, SONNET]))
+            .stats(stats.clone())
+            .layer(client());
+        for _ in 0..5 {
+            let response = service
+                .clone()
+                .oneshot(messages_request(&mock, OPUS))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(
+                response
+                    .extensions()
+                    .get::<ServedBy>()
+                    .unwrap()
+                    .served
+                    .as_str(),
+                SONNET
+            );
+            assert!(response.extensions().get::<RequestId>().is_some());
+            response.into_body().collect().await.unwrap();
+        }
+        let text = logs.text();
+        let upstream_ids = (1..=mock.request_count()).map(|n| format!("req_mock_{n:06}"));
+        for id in upstream_ids {
+            assert!(
+                text.contains(&id),
+                "request id {id} missing from the logs:\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("sk-ant-test-secret"),
+            "a secret reached the logs"
+        );
+        assert!(text.contains("falling back"));
+        assert!(stats.counts().overloaded >= 2);
+        assert_eq!(stats.counts().success, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_storm_with_fallback_off_is_ridden_out_by_retries() {
+        let (logs, _guard) = capture();
+        let mock = MockUpstream::start().await;
+        mock.push_for_model(OPUS, std::iter::repeat_n(Reply::overloaded(), 3));
+        let service = OverloadStack::new()
+            .retry(RetryPolicy::foreground().budget(None).seed(9))
+            .layer(client());
+        let response = service
+            .oneshot(messages_request(&mock, OPUS))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.extensions().get::<ServedBy>().is_none());
+        assert_eq!(mock.request_count(), 4);
+        let text = logs.text();
+        assert_eq!(text.matches("llm attempt failed").count(), 3, "{text}");
+        assert!(text.contains("llm call succeeded"));
+        assert!(!text.contains("sk-ant-test-secret"));
+        println!("{text}");
+    }
+}
