@@ -202,3 +202,37 @@ mod full_stack {
         println!("{text}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_saturated_model_queue_moves_the_call_to_the_next_model() {
+    use tower_overload::fallback::{ModelFallbackLayer, ServedBy};
+    let mock = MockUpstream::start().await;
+    mock.push_for_model(
+        "claude-opus-4-6",
+        [Reply::slow_body(&["a"], Duration::from_secs(10))],
+    );
+    let service = ServiceBuilder::new()
+        .layer(ModelFallbackLayer::new([
+            "claude-opus-4-6",
+            "claude-sonnet-4-6",
+        ]))
+        .layer(OverloadRetryLayer::new(RetryPolicy::foreground()))
+        .layer(ConcurrencyPerModelLayer::new(1).max_queued(0))
+        .service(client());
+    let _holder = service
+        .clone()
+        .oneshot(messages_request(&mock, "claude-opus-4-6"))
+        .await
+        .unwrap();
+    let response = service
+        .oneshot(messages_request(&mock, "claude-opus-4-6"))
+        .await
+        .unwrap();
+    let served = response.extensions().get::<ServedBy>().unwrap();
+    assert_eq!(served.served.as_str(), "claude-sonnet-4-6");
+    assert_eq!(
+        served.fallbacks[0].class, None,
+        "refused here, not by the upstream"
+    );
+    assert_eq!(mock.request_count(), 2);
+}

@@ -17,7 +17,7 @@ use crate::body::ReplayableBody;
 use crate::classify::{self, Class};
 use crate::headers::{self, RequestId};
 use crate::model::{self, Model};
-use crate::{BoxError, Error};
+use crate::{BoxError, Error, ErrorKind};
 
 pin_project! {
     /// The future of one call through [`ModelFallback`](super::ModelFallback).
@@ -384,9 +384,20 @@ where
                         }
                         Err(error) => {
                             let error: BoxError = error.into();
-                            let class = error.downcast_ref::<Error>().and_then(Error::class);
-                            call.settle(class);
-                            if class.is_some_and(|c| call.shared.triggers.contains(&c)) {
+                            let ours = error.downcast_ref::<Error>();
+                            let class = ours.and_then(Error::class);
+                            // A full or timed-out per-model queue: the model is saturated
+                            // here, before the upstream; not a verdict on its capacity.
+                            let saturated = call.shared.fall_back_when_saturated
+                                && ours.is_some_and(|e| {
+                                    matches!(
+                                        e.kind(),
+                                        ErrorKind::QueueFull | ErrorKind::QueueTimeout
+                                    )
+                                });
+                            call.settle(if saturated { None } else { class });
+                            if saturated || class.is_some_and(|c| call.shared.triggers.contains(&c))
+                            {
                                 call.records.push(FallbackRecord {
                                     model: call.current_model(),
                                     skipped: false,

@@ -31,12 +31,14 @@ pub struct ModelFallbackLayer {
     cooldown: Cooldown,
     triggers: Vec<Class>,
     served_by_header: Option<HeaderName>,
+    fall_back_when_saturated: bool,
     shared: Arc<OnceLock<Arc<Shared>>>,
 }
 
 impl ModelFallbackLayer {
     /// A layer with one chain, tried in order. Defaults: fall back on
-    /// [`Class::Overloaded`] only, [`Cooldown::default`], no response header.
+    /// [`Class::Overloaded`] and on a saturated per-model queue,
+    /// [`Cooldown::default`], no response header.
     ///
     /// ```
     /// # use tower_overload::fallback::{FallbackStep, ModelFallbackLayer};
@@ -52,6 +54,7 @@ impl ModelFallbackLayer {
             cooldown: Cooldown::default(),
             triggers: vec![Class::Overloaded],
             served_by_header: None,
+            fall_back_when_saturated: true,
             shared: Arc::new(OnceLock::new()),
         }
     }
@@ -105,6 +108,18 @@ impl ModelFallbackLayer {
         self.reset()
     }
 
+    /// Whether a call refused by a per-model queue inside (full, or timed
+    /// out) moves on to the next model (default `true`).
+    ///
+    /// ```
+    /// # use tower_overload::fallback::ModelFallbackLayer;
+    /// let layer = ModelFallbackLayer::new(["a", "b"]).fall_back_when_saturated(false);
+    /// ```
+    pub fn fall_back_when_saturated(mut self, enabled: bool) -> Self {
+        self.fall_back_when_saturated = enabled;
+        self.reset()
+    }
+
     fn reset(mut self) -> Self {
         self.shared = Arc::new(OnceLock::new());
         self
@@ -130,6 +145,7 @@ impl ModelFallbackLayer {
                 breakers,
                 triggers: self.triggers.clone(),
                 served_by_header: self.served_by_header.clone(),
+                fall_back_when_saturated: self.fall_back_when_saturated,
             })
         });
         Arc::clone(shared)

@@ -15,6 +15,12 @@
 //! layer's [`FinalFailure::Error`](crate::retry::FinalFailure::Error) mode)
 //! falls back like the response it stands for.
 //!
+//! A call refused by a per-model queue inside ([`ErrorKind::QueueFull`] or
+//! [`ErrorKind::QueueTimeout`] from the
+//! [concurrency layer](crate::concurrency)) also moves on to the next model:
+//! that model is saturated here, and waiting behind it in a storm costs more
+//! than another model's answer. This does not count toward its cooldown.
+//!
 //! A model that keeps answering "overloaded" is skipped for a while
 //! ([`Cooldown`]): not contacted at all, so a storm costs one wasted call,
 //! not one per request. After the rest, one call at a time probes it.
@@ -67,6 +73,8 @@ pub use self::layer::ModelFallbackLayer;
 
 use self::cooldown::Breaker;
 use crate::BoxError;
+#[cfg(doc)]
+use crate::ErrorKind;
 use crate::body::ReplayableBody;
 #[cfg(doc)]
 use crate::body::ReplayableBody as _;
@@ -203,6 +211,7 @@ pub(crate) struct Shared {
     breakers: HashMap<Model, Breaker>,
     triggers: Vec<Class>,
     served_by_header: Option<HeaderName>,
+    fall_back_when_saturated: bool,
 }
 
 impl Shared {

@@ -222,6 +222,8 @@ pub struct Recorded {
 struct Script {
     queue: VecDeque<Reply>,
     per_model: HashMap<String, VecDeque<Reply>>,
+    /// Until when a model answers with a storm reply.
+    storms: HashMap<String, (Instant, Reply)>,
     default: Option<Reply>,
     capacity: Option<usize>,
     latency: Duration,
@@ -316,6 +318,17 @@ impl MockUpstream {
             .entry(model.to_owned())
             .or_default()
             .extend(replies);
+    }
+
+    /// For `duration` from now, requests for `model` get `reply` (before any queue).
+    pub fn storm(&self, model: &str, duration: Duration, reply: Reply) {
+        let until = Instant::now() + duration;
+        self.state
+            .script
+            .lock()
+            .unwrap()
+            .storms
+            .insert(model.to_owned(), (until, reply));
     }
 
     /// The reply when nothing is queued (initially 200 [`Reply::ok`]).
@@ -482,8 +495,15 @@ async fn handle(
     let (reply, latency) = {
         let mut script = state.script.lock().unwrap();
         let over_capacity = script.capacity.is_some_and(|cap| before >= cap);
+        let storm = script
+            .storms
+            .get(&model_key)
+            .filter(|(until, _)| at < *until)
+            .map(|(_, reply)| reply.clone());
         let reply = if over_capacity {
             Reply::overloaded()
+        } else if let Some(reply) = storm {
+            reply
         } else {
             script
                 .per_model
