@@ -71,6 +71,8 @@ pub mod retry;
     feature = "request-id"
 ))]
 pub mod stack;
+#[cfg(any(feature = "retry", feature = "fallback"))]
+mod template;
 mod time;
 
 pub use error::{BoxError, Error, ErrorKind};

@@ -17,6 +17,7 @@ use crate::body::ReplayableBody;
 use crate::classify::{self, Class};
 use crate::headers::{self, RequestId};
 use crate::model::{self, Model};
+use crate::template::RequestTemplate;
 use crate::{BoxError, Error, ErrorKind};
 
 pin_project! {
@@ -46,7 +47,7 @@ pin_project! {
 struct FallbackCall<S, B> {
     service: S,
     shared: Arc<Shared>,
-    template: Template,
+    template: RequestTemplate,
     /// A copy of the original body, to build rewritten bodies of its type.
     spare: B,
     bytes: Bytes,
@@ -59,14 +60,6 @@ struct FallbackCall<S, B> {
     records: Vec<FallbackRecord>,
     /// The next model's request, while the service gets ready for it.
     pending: Option<Request<B>>,
-}
-
-struct Template {
-    method: http::Method,
-    uri: http::Uri,
-    version: http::Version,
-    headers: http::HeaderMap,
-    extensions: http::Extensions,
 }
 
 impl<S, B> ResponseFuture<S, B>
@@ -124,13 +117,7 @@ where
             return Err(request);
         };
         let (parts, body) = request.into_parts();
-        let template = Template {
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
-            extensions: parts.extensions,
-        };
+        let template = RequestTemplate::new(parts);
         // Take the service made ready for this call; leave a clone.
         let clone = service.clone();
         let ready = std::mem::replace(service, clone);
@@ -213,12 +200,7 @@ where
     }
 
     fn template_request(&self, body: B, routed: Option<usize>) -> Request<B> {
-        let mut request = Request::new(body);
-        *request.method_mut() = self.template.method.clone();
-        *request.uri_mut() = self.template.uri.clone();
-        *request.version_mut() = self.template.version;
-        *request.headers_mut() = self.template.headers.clone();
-        *request.extensions_mut() = self.template.extensions.clone();
+        let mut request = self.template.build(body);
         let Some(position) = routed else {
             return request;
         };

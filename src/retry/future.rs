@@ -19,6 +19,7 @@ use crate::classify::{self, Class, Classification, Hints, MAX_SNIFF_BYTES};
 use crate::model::{self, Model};
 use crate::retry::report::{Attempt, AttemptRecord, RetryReport};
 use crate::retry::{AttemptLog, Decision, FinalFailure, Outcome, RetryPolicy, StopReason};
+use crate::template::RequestTemplate;
 use crate::{BoxError, Error, ErrorKind, headers};
 
 pin_project! {
@@ -65,7 +66,7 @@ pin_project! {
 /// Everything about the call that outlives one attempt.
 struct Call<B> {
     policy: Arc<RetryPolicy>,
-    template: Template,
+    template: RequestTemplate,
     /// A copy of the body kept for the next attempt.
     spare: Option<B>,
     /// The body of the next attempt, set when a retry is decided.
@@ -77,31 +78,21 @@ struct Call<B> {
     rng: Option<SmallRng>,
 }
 
-/// The parts of the original request, to build every attempt from.
-struct Template {
-    method: http::Method,
-    uri: http::Uri,
-    version: http::Version,
-    headers: http::HeaderMap,
-    extensions: http::Extensions,
-}
-
-impl Template {
-    fn build<B>(&self, body: B, attempt: Attempt, policy: &RetryPolicy) -> Request<B> {
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = self.version;
-        *request.headers_mut() = self.headers.clone();
-        *request.extensions_mut() = self.extensions.clone();
-        request.extensions_mut().insert(attempt);
-        if let Some(name) = &policy.retry_count_header {
-            request
-                .headers_mut()
-                .insert(name.clone(), HeaderValue::from(attempt.number - 1));
-        }
+/// Builds an attempt: the original head, this body, the attempt's number.
+fn attempt_request<B>(
+    template: &RequestTemplate,
+    body: B,
+    attempt: Attempt,
+    policy: &RetryPolicy,
+) -> Request<B> {
+    let mut request = template.build(body);
+    request.extensions_mut().insert(attempt);
+    if let Some(name) = &policy.retry_count_header {
         request
+            .headers_mut()
+            .insert(name.clone(), HeaderValue::from(attempt.number - 1));
     }
+    request
 }
 
 impl<S, B, R> ResponseFuture<S, B, R>
@@ -116,14 +107,9 @@ where
         }
         let (parts, body) = request.into_parts();
         let spare = body.try_clone_body();
-        let template = Template {
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
-            extensions: parts.extensions,
-        };
-        let first = template.build(
+        let template = RequestTemplate::new(parts);
+        let first = attempt_request(
+            &template,
             body,
             Attempt {
                 number: 1,
@@ -224,7 +210,7 @@ impl<B: ReplayableBody> Call<B> {
     /// The model the call is for, for error messages: from the request's
     /// extensions, else read from an in-memory body.
     fn model(&self) -> Option<Model> {
-        if let Some(model) = self.template.extensions.get::<Model>() {
+        if let Some(model) = self.template.extensions().get::<Model>() {
             return Some(model.clone());
         }
         let body = self.spare.as_ref().or(self.next.as_ref())?.in_memory()?;
@@ -341,7 +327,7 @@ impl<B: ReplayableBody> Call<B> {
             number: self.log.attempts + 1,
             max: self.policy.max_attempts,
         };
-        Some(self.template.build(body, attempt, &self.policy))
+        Some(attempt_request(&self.template, body, attempt, &self.policy))
     }
 }
 
