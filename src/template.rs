@@ -34,6 +34,7 @@ impl RequestTemplate {
         request
     }
 
+    #[cfg_attr(not(feature = "retry"), allow(dead_code))]
     pub(crate) fn extensions(&self) -> &Extensions {
         &self.extensions
     }
