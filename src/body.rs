@@ -24,6 +24,8 @@ use http_body_util::{Empty, Full};
 use pin_project_lite::pin_project;
 
 use crate::BoxError;
+use crate::headers::RequestId;
+use crate::sse::{ErrorEventWatch, MidStreamErrors};
 
 /// The API's own request size limit, and [`ReplayBody`]'s default cap.
 pub const DEFAULT_REPLAY_CAP: usize = 32 * 1024 * 1024;
@@ -418,8 +420,31 @@ pin_project! {
     pub struct PeekedBody<B: Body> {
         prefix: VecDeque<Bytes>,
         error: Option<B::Error>,
+        watch: Option<Box<Watch>>,
         #[pin]
         inner: B,
+    }
+}
+
+/// Watches a stream for error events after its content started.
+#[derive(Debug)]
+struct Watch {
+    lines: ErrorEventWatch,
+    errors: MidStreamErrors,
+    request_id: Option<RequestId>,
+}
+
+impl Watch {
+    fn see(&mut self, chunk: &[u8]) {
+        let found = self.lines.feed(chunk);
+        if found > 0 {
+            self.errors.add(found as u32);
+            tracing::warn!(
+                target: "tower_overload",
+                request_id = self.request_id.as_ref().map_or("-", RequestId::as_str),
+                "error event in a stream whose content had started; passed through, not retried"
+            );
+        }
     }
 }
 
@@ -434,6 +459,7 @@ impl<B: Body> PeekedBody<B> {
         Self {
             prefix: VecDeque::new(),
             error: None,
+            watch: None,
             inner,
         }
     }
@@ -467,6 +493,20 @@ impl<B: Body> PeekedBody<B> {
         self
     }
 
+    /// Counts (and logs) error events in every chunk yielded from here on.
+    pub(crate) fn watch_for_errors(
+        mut self,
+        errors: MidStreamErrors,
+        request_id: Option<RequestId>,
+    ) -> Self {
+        self.watch = Some(Box::new(Watch {
+            lines: ErrorEventWatch::default(),
+            errors,
+            request_id,
+        }));
+        self
+    }
+
     /// The inner body.
     ///
     /// ```
@@ -493,6 +533,9 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         if let Some(chunk) = this.prefix.pop_front() {
+            if let Some(watch) = this.watch.as_mut() {
+                watch.see(&chunk);
+            }
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if let Some(error) = this.error.take() {
@@ -503,9 +546,11 @@ where
             Some(Err(error)) => return Poll::Ready(Some(Err(error))),
             None => return Poll::Ready(None),
         };
-        Poll::Ready(Some(Ok(
-            frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
-        )))
+        let frame = frame.map_data(|mut data| data.copy_to_bytes(data.remaining()));
+        if let (Some(watch), Some(chunk)) = (this.watch.as_mut(), frame.data_ref()) {
+            watch.see(chunk);
+        }
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {

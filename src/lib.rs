@@ -64,6 +64,7 @@ pub mod model;
 pub mod request_id;
 #[cfg(feature = "retry")]
 pub mod retry;
+pub mod sse;
 #[cfg(all(
     feature = "retry",
     feature = "concurrency",

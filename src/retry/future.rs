@@ -18,7 +18,10 @@ use crate::body::{PeekedBody, ReplayableBody};
 use crate::classify::{self, Class, Classification, Hints, MAX_SNIFF_BYTES};
 use crate::model::{self, Model};
 use crate::retry::report::{Attempt, AttemptRecord, RetryReport};
-use crate::retry::{AttemptLog, Decision, FinalFailure, Outcome, RetryPolicy, StopReason};
+use crate::retry::{
+    AttemptLog, Decision, FinalFailure, Outcome, RetryPolicy, Silence, StopReason, StreamGuard,
+};
+use crate::sse::{self, FirstEvent, MidStreamErrors};
 use crate::template::RequestTemplate;
 use crate::{BoxError, Error, ErrorKind, headers};
 
@@ -51,6 +54,8 @@ pin_project! {
             chunks: Vec<Bytes>,
             len: usize,
             timer: Pin<Box<Sleep>>,
+            // Set when this is the stream guard reading a 200's first event.
+            stream: Option<Box<StreamPeek>>,
         },
         // Backing off before the next attempt. The timers are boxed: they
         // exist only on the failure path, and inline they would triple the
@@ -61,6 +66,31 @@ pin_project! {
         // The output was returned.
         Done,
     }
+}
+
+/// What the stream guard has read of a stream so far.
+struct StreamPeek {
+    guard: StreamGuard,
+    seen: Vec<u8>,
+}
+
+/// Whether the stream guard should read the start of this response.
+fn worth_peeking(
+    parts: &response::Parts,
+    verdict: &Classification,
+    guard: Option<StreamGuard>,
+) -> Option<Box<StreamPeek>> {
+    let guard = guard?;
+    let is_stream = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"));
+    (verdict.class == Class::Success && parts.status == StatusCode::OK && is_stream).then(|| {
+        Box::new(StreamPeek {
+            guard,
+            seen: Vec::new(),
+        })
+    })
 }
 
 /// Everything about the call that outlives one attempt.
@@ -331,6 +361,30 @@ impl<B: ReplayableBody> Call<B> {
     }
 }
 
+/// The verdict on a streamed 200 from its first event with content.
+fn stream_verdict(
+    peek: &StreamPeek,
+    failed: bool,
+    ended: bool,
+    on_silence: Silence,
+) -> Classification {
+    let failure = |class: Class| Classification {
+        class,
+        retryable: class.is_retryable_by_default(),
+        server_verdict: None,
+    };
+    match sse::first_event(&peek.seen) {
+        FirstEvent::Error(class) => failure(class),
+        FirstEvent::Content => failure(Class::Success),
+        // Cut off before any content: nothing reached the caller, so it may be retried.
+        FirstEvent::Incomplete if failed => failure(Class::Transport),
+        FirstEvent::Incomplete if ended || on_silence == Silence::PassThrough => {
+            failure(Class::Success)
+        }
+        FirstEvent::Incomplete => failure(Class::Timeout),
+    }
+}
+
 /// Whether the body can change what the status and headers say: a 5xx may
 /// say "Overloaded", a 429 without a delay may be a spend limit. Not read
 /// when the server already gave its verdict.
@@ -366,15 +420,19 @@ where
                     Ok(response) => {
                         let (parts, body) = response.into_parts();
                         let verdict = classify::classify(parts.status, &parts.headers, None);
-                        if worth_sniffing(&parts, &verdict) {
-                            let timer =
-                                Box::pin(tokio::time::sleep(this.call.policy.sniff_timeout));
+                        let stream = worth_peeking(&parts, &verdict, this.call.policy.stream_guard);
+                        if stream.is_some() || worth_sniffing(&parts, &verdict) {
+                            let wait = match &stream {
+                                Some(peek) => peek.guard.peek_timeout,
+                                None => this.call.policy.sniff_timeout,
+                            };
                             this.state.set(State::Sniffing {
                                 parts: Some(parts),
                                 body: Some(body),
                                 chunks: Vec::new(),
                                 len: 0,
-                                timer,
+                                timer: Box::pin(tokio::time::sleep(wait)),
+                                stream,
                             });
                             continue;
                         }
@@ -388,17 +446,30 @@ where
                     chunks,
                     len,
                     timer,
+                    stream,
                 } => {
                     let mut failure = None;
+                    let mut ended = false;
+                    let limit = stream
+                        .as_ref()
+                        .map_or(MAX_SNIFF_BYTES, |p| p.guard.max_peek_bytes);
                     let timed_out = timer.as_mut().poll(cx).is_ready();
                     if !timed_out {
                         let Some(inner) = body.as_mut() else {
                             return Poll::Ready(Err(Error::new(ErrorKind::Transport)));
                         };
-                        while *len < MAX_SNIFF_BYTES {
+                        while *len < limit {
+                            if let Some(peek) = stream.as_ref()
+                                && sse::first_event(&peek.seen) != FirstEvent::Incomplete
+                            {
+                                break;
+                            }
                             match Pin::new(&mut *inner).poll_frame(cx) {
                                 Poll::Pending => return Poll::Pending,
-                                Poll::Ready(None) => break,
+                                Poll::Ready(None) => {
+                                    ended = true;
+                                    break;
+                                }
                                 Poll::Ready(Some(Err(error))) => {
                                     failure = Some(error);
                                     break;
@@ -407,31 +478,45 @@ where
                                     if let Ok(mut data) = frame.into_data() {
                                         let chunk = data.copy_to_bytes(data.remaining());
                                         *len += chunk.len();
+                                        if let Some(peek) = stream.as_mut() {
+                                            peek.seen.extend_from_slice(&chunk);
+                                        }
                                         chunks.push(chunk);
                                     }
                                 }
                             }
                         }
                     }
-                    let (Some(parts), Some(inner)) = (parts.take(), body.take()) else {
+                    let (Some(mut parts), Some(inner)) = (parts.take(), body.take()) else {
                         return Poll::Ready(Err(Error::new(ErrorKind::Transport)));
                     };
                     let chunks = std::mem::take(chunks);
-                    let verdict = {
-                        let joined;
-                        let prefix: &[u8] = match chunks.as_slice() {
-                            [] => &[],
-                            [one] => one,
-                            many => {
-                                joined = many.concat();
-                                &joined
-                            }
-                        };
-                        classify::classify(parts.status, &parts.headers, Some(prefix))
+                    let verdict = match stream.take() {
+                        Some(peek) => {
+                            stream_verdict(&peek, failure.is_some(), ended, peek.guard.on_silence)
+                        }
+                        None => {
+                            let joined;
+                            let prefix: &[u8] = match chunks.as_slice() {
+                                [] => &[],
+                                [one] => one,
+                                many => {
+                                    joined = many.concat();
+                                    &joined
+                                }
+                            };
+                            classify::classify(parts.status, &parts.headers, Some(prefix))
+                        }
                     };
                     let mut peeked = PeekedBody::new(inner).with_prefix(chunks);
                     if let Some(error) = failure {
                         peeked = peeked.with_error(error);
+                    }
+                    if verdict.class == Class::Success && this.call.policy.stream_guard.is_some() {
+                        let errors = MidStreamErrors::default();
+                        let id = headers::request_id(&parts.headers);
+                        peeked = peeked.watch_for_errors(errors.clone(), id);
+                        parts.extensions.insert(errors);
                     }
                     this.call.on_response(parts, peeked, verdict)
                 }

@@ -75,7 +75,8 @@ use tower_service::Service;
 pub use self::classify_error::{ClassifyError, DefaultErrorClassifier};
 pub use self::layer::OverloadRetryLayer;
 pub use self::policy::{
-    AttemptLog, ClassPolicy, Decision, FinalFailure, Outcome, RetryPolicy, StopReason,
+    AttemptLog, ClassPolicy, Decision, FinalFailure, Outcome, RetryPolicy, Silence, StopReason,
+    StreamGuard,
 };
 pub use self::report::{Attempt, AttemptRecord, RetryReport};
 
