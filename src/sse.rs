@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::classify::{self, Class, ClientKind};
+use crate::json;
 
 /// Error events seen in a stream after its content had started: passed
 /// through to the caller untouched (a retry would show output twice), and
@@ -145,12 +146,15 @@ fn event_name(block: &[u8]) -> Option<&[u8]> {
 }
 
 /// Spots `event: error` lines in a stream fed chunk by chunk, however the
-/// chunks split it. Keeps at most a few bytes of a line start between chunks.
+/// chunks split it. Lines inside a chunk are checked in place; only a line
+/// cut by a chunk boundary keeps its first few bytes here.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ErrorEventWatch {
-    /// The start of the current line, while it could still be an error line.
+    /// Whether the last chunk ended inside a line.
+    open: bool,
+    /// The start of that line, while it could still be an error line.
     partial: Vec<u8>,
-    /// Whether the current line is known not to be one.
+    /// Whether that line is known not to be one.
     ruled_out: bool,
 }
 
@@ -158,41 +162,58 @@ const ERROR_LINES: [&[u8]; 2] = [b"event: error", b"event:error"];
 /// Longest line start worth keeping: the longer form and a `\r`.
 const KEEP: usize = 13;
 
+fn is_error_line(line: &[u8]) -> bool {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.len() <= KEEP && ERROR_LINES.contains(&line)
+}
+
+fn could_become_error_line(start: &[u8]) -> bool {
+    let start = start.strip_suffix(b"\r").unwrap_or(start);
+    start.len() <= KEEP && ERROR_LINES.iter().any(|line| line.starts_with(start))
+}
+
 impl ErrorEventWatch {
     /// Feeds a chunk; returns how many error event lines ended in it.
     pub(crate) fn feed(&mut self, chunk: &[u8]) -> usize {
         let mut found = 0;
-        let mut rest = chunk;
-        loop {
-            let (segment, line_ended) = match rest.iter().position(|&c| c == b'\n') {
-                Some(end) => (&rest[..end], true),
-                None => (rest, false),
-            };
+        let mut at = 0;
+        if self.open {
+            let end = json::find_byte(chunk, b'\n');
+            let piece = &chunk[..end.unwrap_or(chunk.len())];
             if !self.ruled_out {
-                let room = KEEP - self.partial.len();
-                if segment.len() > room {
-                    self.ruled_out = true;
-                } else {
-                    self.partial.extend_from_slice(segment);
-                    let start = self.partial.as_slice();
-                    let start = start.strip_suffix(b"\r").unwrap_or(start);
-                    self.ruled_out = !ERROR_LINES.iter().any(|line| line.starts_with(start));
-                }
+                self.partial
+                    .extend_from_slice(&piece[..piece.len().min(KEEP + 1)]);
+                self.ruled_out = !could_become_error_line(&self.partial);
             }
-            if !line_ended {
-                return found;
+            let Some(end) = end else { return 0 };
+            if !self.ruled_out && is_error_line(&self.partial) {
+                found += 1;
             }
-            if !self.ruled_out {
-                let line = self.partial.as_slice();
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if ERROR_LINES.contains(&line) {
-                    found += 1;
-                }
-            }
-            rest = &rest[segment.len() + 1..];
             self.partial.clear();
             self.ruled_out = false;
+            self.open = false;
+            at = end + 1;
         }
+        while at < chunk.len() {
+            let rest = &chunk[at..];
+            match json::find_byte(rest, b'\n') {
+                Some(len) => {
+                    if is_error_line(&rest[..len]) {
+                        found += 1;
+                    }
+                    at += len + 1;
+                }
+                None => {
+                    self.open = true;
+                    self.ruled_out = !could_become_error_line(rest);
+                    if !self.ruled_out {
+                        self.partial.extend_from_slice(rest);
+                    }
+                    break;
+                }
+            }
+        }
+        found
     }
 }
 
