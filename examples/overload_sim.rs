@@ -1,0 +1,566 @@
+//! A deterministic, virtual-time simulation of many clients calling an
+//! overloaded API, comparing the usual retry code with this crate's layers.
+//!
+//! `cargo run --release --example overload_sim` prints a table per strategy
+//! and writes `target/overload_sim.svg` (upstream load and goodput over time),
+//! then reproduces the AWS backoff paper's contention experiment.
+//!
+//! The upstream: per-model concurrent capacity (over it: 529), a service time
+//! of 1 to 4 s, an organisation quota (over it: 429 with retry-after), and the
+//! reference storm: a full 529 outage of the primary model for 2 minutes.
+//! Calls arrive on one seeded Poisson trace, all for the primary model, with a
+//! 60 s deadline. Every strategy is a real tower service stack (tower's own
+//! `Retry` or this crate's layers) in front of the same simulated upstream;
+//! tokio's clock is paused, so 8 minutes of traffic take seconds.
+
+// The test includes this file for `run`; `main` is its to ignore.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::{Future, Ready, ready};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use rand::rngs::SmallRng;
+use rand::{Rng, RngExt, SeedableRng};
+use tokio::time::Instant;
+use tower::retry::Policy;
+use tower::retry::backoff::{Backoff as _, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::retry::budget::{Budget as _, TpsBudget};
+use tower::util::BoxCloneService;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_overload::backoff::{Backoff, Jitter};
+use tower_overload::concurrency::{Aimd, ConcurrencyPerModelLayer};
+use tower_overload::fallback::ModelFallbackLayer;
+use tower_overload::retry::{OverloadRetryLayer, RetryPolicy};
+use tower_overload::stack::OverloadStack;
+use tower_overload::{BoxError, model};
+
+pub const PRIMARY: &str = "claude-opus-4-6";
+const MODELS: [(&str, usize); 3] = [(PRIMARY, 60), ("claude-sonnet-4-6", 60), ("claude-haiku-4-5", 120)];
+
+/// The traffic and the storm.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub calls_per_sec: f64,
+    pub length: Duration,
+    pub outage: (Duration, Duration),
+    pub deadline: Duration,
+    /// Organisation quota: requests per second across models.
+    pub quota_per_sec: f64,
+    pub seed: u64,
+}
+
+impl Scenario {
+    /// The reference storm: 10 calls/s for 8 minutes, the primary model down from 2:00 to 4:00.
+    pub fn reference() -> Self {
+        Self {
+            calls_per_sec: 10.0,
+            length: Duration::from_secs(480),
+            outage: (Duration::from_secs(120), Duration::from_secs(240)),
+            deadline: Duration::from_secs(60),
+            quota_per_sec: 40.0,
+            seed: 2026,
+        }
+    }
+
+    fn arrivals(&self) -> Vec<Duration> {
+        let mut rng = SmallRng::seed_from_u64(self.seed);
+        let mut at = 0.0;
+        let mut arrivals = Vec::new();
+        loop {
+            let u: f64 = rng.random::<f64>().max(1e-12);
+            at += -u.ln() / self.calls_per_sec;
+            if at >= self.length.as_secs_f64() {
+                return arrivals;
+            }
+            arrivals.push(Duration::from_secs_f64(at));
+        }
+    }
+}
+
+// ===== the simulated upstream =====
+
+struct UpstreamState {
+    start: Instant,
+    scenario: Scenario,
+    in_flight: Mutex<HashMap<String, usize>>,
+    rng: Mutex<SmallRng>,
+    /// (seconds since start, status) of every attempt.
+    attempts: Mutex<Vec<(f64, u16)>>,
+    quota: Mutex<(f64, Instant)>,
+}
+
+#[derive(Clone)]
+struct Upstream(Arc<UpstreamState>);
+
+impl Upstream {
+    fn new(scenario: &Scenario) -> Self {
+        Self(Arc::new(UpstreamState {
+            start: Instant::now(),
+            scenario: scenario.clone(),
+            in_flight: Mutex::new(HashMap::new()),
+            rng: Mutex::new(SmallRng::seed_from_u64(scenario.seed ^ 0x5eed)),
+            attempts: Mutex::new(Vec::new()),
+            quota: Mutex::new((scenario.quota_per_sec, Instant::now())),
+        }))
+    }
+}
+
+fn reply(status: u16, kind: &str, retry_after: Option<u64>) -> Response<Full<Bytes>> {
+    let body = if status == 200 {
+        r#"{"type":"message","content":[{"type":"text","text":"ok"}]}"#.to_owned()
+    } else {
+        format!(r#"{{"type":"error","error":{{"type":"{kind}","message":"{kind}"}}}}"#)
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = StatusCode::from_u16(status).expect("a status");
+    if let Some(secs) = retry_after {
+        response.headers_mut().insert("retry-after", secs.into());
+    }
+    response
+}
+
+impl Service<Request<Full<Bytes>>> for Upstream {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+        let state = Arc::clone(&self.0);
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let model = model::extract(&body).map(|m| m.into_owned()).unwrap_or_default();
+            let now = Instant::now();
+            let elapsed = now.duration_since(state.start);
+            let record = |status: u16| state.attempts.lock().unwrap().push((elapsed.as_secs_f64(), status));
+            let (from, to) = state.scenario.outage;
+            if model == PRIMARY && elapsed >= from && elapsed < to {
+                record(529);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return Ok(reply(529, "overloaded_error", None));
+            }
+            let within_quota = {
+                let mut quota = state.quota.lock().unwrap();
+                let refill = now.duration_since(quota.1).as_secs_f64() * state.scenario.quota_per_sec;
+                quota.0 = (quota.0 + refill).min(state.scenario.quota_per_sec);
+                quota.1 = now;
+                let ok = quota.0 >= 1.0;
+                if ok {
+                    quota.0 -= 1.0;
+                }
+                ok
+            };
+            if !within_quota {
+                record(429);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                return Ok(reply(429, "rate_limit_error", Some(1)));
+            }
+            let capacity = MODELS.iter().find(|(m, _)| *m == model).map_or(60, |(_, c)| *c);
+            let admitted = {
+                let mut in_flight = state.in_flight.lock().unwrap();
+                let n = in_flight.entry(model.clone()).or_default();
+                let ok = *n < capacity;
+                if ok {
+                    *n += 1;
+                }
+                ok
+            };
+            if !admitted {
+                record(529);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                return Ok(reply(529, "overloaded_error", None));
+            }
+            record(200);
+            let service = Duration::from_millis(state.rng.lock().unwrap().random_range(1000..4000));
+            tokio::time::sleep(service).await;
+            *state.in_flight.lock().unwrap().get_mut(&model).expect("counted") -= 1;
+            Ok(reply(200, "", None))
+        })
+    }
+}
+
+// ===== the retry code people write, on tower's Retry =====
+
+fn failed(result: &Result<Response<Full<Bytes>>, BoxError>) -> bool {
+    match result {
+        Ok(response) => matches!(response.status().as_u16(), 408 | 409 | 429 | 500..=599),
+        Err(_) => true,
+    }
+}
+
+fn copy(request: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    let mut copy = Request::new(request.body().clone());
+    *copy.uri_mut() = request.uri().clone();
+    *copy.method_mut() = request.method().clone();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// Retries at once, up to 5 attempts.
+#[derive(Clone)]
+struct Immediate(u32);
+
+impl Policy<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError> for Immediate {
+    type Future = Ready<()>;
+    fn retry(&mut self, _: &mut Request<Full<Bytes>>, result: &mut Result<Response<Full<Bytes>>, BoxError>) -> Option<Ready<()>> {
+        (failed(result) && self.0 < 4).then(|| {
+            self.0 += 1;
+            ready(())
+        })
+    }
+    fn clone_request(&mut self, request: &Request<Full<Bytes>>) -> Option<Request<Full<Bytes>>> {
+        Some(copy(request))
+    }
+}
+
+/// Exponential without jitter, 1 s to 60 s, 5 attempts: the code in common guides.
+#[derive(Clone)]
+struct NoJitter(u32);
+
+impl Policy<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError> for NoJitter {
+    type Future = tokio::time::Sleep;
+    fn retry(&mut self, _: &mut Request<Full<Bytes>>, result: &mut Result<Response<Full<Bytes>>, BoxError>) -> Option<Self::Future> {
+        if !failed(result) || self.0 >= 4 {
+            return None;
+        }
+        let delay = Duration::from_secs((1u64 << self.0).min(60));
+        self.0 += 1;
+        Some(tokio::time::sleep(delay))
+    }
+    fn clone_request(&mut self, request: &Request<Full<Bytes>>) -> Option<Request<Full<Bytes>>> {
+        Some(copy(request))
+    }
+}
+
+/// The official SDKs: 2 retries, min(0.5 s * 2^n, 8 s) * (1 - 0.25 rand), or retry-after when 0 < it <= 60 s.
+#[derive(Clone)]
+struct OfficialSdk {
+    retries: u32,
+    rng: SmallRng,
+}
+
+impl Policy<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError> for OfficialSdk {
+    type Future = tokio::time::Sleep;
+    fn retry(&mut self, _: &mut Request<Full<Bytes>>, result: &mut Result<Response<Full<Bytes>>, BoxError>) -> Option<Self::Future> {
+        if !failed(result) || self.retries >= 2 {
+            return None;
+        }
+        let server = result.as_ref().ok().and_then(|r| {
+            let secs: f64 = r.headers().get("retry-after")?.to_str().ok()?.parse().ok()?;
+            (secs > 0.0 && secs <= 60.0).then(|| Duration::from_secs_f64(secs))
+        });
+        let computed = Duration::from_secs_f64((0.5 * 2f64.powi(self.retries as i32)).min(8.0) * (1.0 - 0.25 * self.rng.random::<f64>()));
+        self.retries += 1;
+        Some(tokio::time::sleep(server.unwrap_or(computed)))
+    }
+    fn clone_request(&mut self, request: &Request<Full<Bytes>>) -> Option<Request<Full<Bytes>>> {
+        Some(copy(request))
+    }
+}
+
+/// A seeded generator for tower's backoff.
+#[derive(Clone)]
+struct TowerRng(SmallRng);
+
+impl tower::util::rng::Rng for TowerRng {
+    fn next_u64(&mut self) -> u64 {
+        self.0.next_u64()
+    }
+}
+
+/// tower's Retry with its ExponentialBackoff (1 s to 60 s, jitter) and TpsBudget (20%, 10 s, 1/s), 5 attempts.
+#[derive(Clone)]
+struct TowerBudgeted {
+    attempts: u32,
+    backoff: ExponentialBackoff<TowerRng>,
+    budget: Arc<TpsBudget>,
+}
+
+impl Policy<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError> for TowerBudgeted {
+    type Future = tokio::time::Sleep;
+    fn retry(&mut self, _: &mut Request<Full<Bytes>>, result: &mut Result<Response<Full<Bytes>>, BoxError>) -> Option<Self::Future> {
+        if self.attempts == 0 {
+            self.budget.deposit();
+        }
+        self.attempts += 1;
+        if !failed(result) || self.attempts >= 5 || !self.budget.withdraw() {
+            return None;
+        }
+        Some(self.backoff.next_backoff())
+    }
+    fn clone_request(&mut self, request: &Request<Full<Bytes>>) -> Option<Request<Full<Bytes>>> {
+        Some(copy(request))
+    }
+}
+
+// ===== the strategies =====
+
+type Client = BoxCloneService<Request<Full<Bytes>>, StatusCode, BoxError>;
+
+/// Every strategy compared, by name, each built on `upstream`.
+fn strategies(upstream: &Upstream, seed: u64) -> Vec<(&'static str, Client)> {
+    let raw = ServiceBuilder::new()
+        .map_err(|never: Infallible| -> BoxError { match never {} })
+        .service(upstream.clone());
+    let status = |service: BoxCloneService<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError>| {
+        BoxCloneService::new(service.map_response(|r: Response<Full<Bytes>>| r.status()))
+    };
+    let tower_backoff = ExponentialBackoffMaker::new(Duration::from_secs(1), Duration::from_secs(60), 0.5, TowerRng(SmallRng::seed_from_u64(seed)))
+        .expect("valid backoff")
+        .make_backoff();
+    let budget = Arc::new(TpsBudget::new(Duration::from_secs(10), 1, 0.2));
+    let ours_retry = OverloadRetryLayer::new(RetryPolicy::foreground().seed(seed)).layer(upstream.clone());
+    let stack = OverloadStack::new()
+        .retry(RetryPolicy::foreground().seed(seed))
+        .concurrency(ConcurrencyPerModelLayer::new(60).queue_timeout(Some(Duration::from_secs(10))).max_queued(200).adaptive(Aimd::default()))
+        .fallback(ModelFallbackLayer::new(MODELS.iter().map(|(m, _)| *m)))
+        .layer(upstream.clone());
+    vec![
+        ("no retry", status(BoxCloneService::new(raw.clone()))),
+        ("immediate retry x5", status(BoxCloneService::new(tower::retry::Retry::new(Immediate(0), raw.clone())))),
+        ("exponential, no jitter", status(BoxCloneService::new(tower::retry::Retry::new(NoJitter(0), raw.clone())))),
+        (
+            "official SDK policy",
+            status(BoxCloneService::new(tower::retry::Retry::new(OfficialSdk { retries: 0, rng: SmallRng::seed_from_u64(seed) }, raw.clone()))),
+        ),
+        (
+            "tower Retry + TpsBudget",
+            status(BoxCloneService::new(tower::retry::Retry::new(TowerBudgeted { attempts: 0, backoff: tower_backoff, budget }, raw.clone()))),
+        ),
+        ("OverloadRetryLayer foreground", BoxCloneService::new(ours_retry.map_response(|r| r.status()).map_err(BoxError::from))),
+        ("full stack", BoxCloneService::new(stack.map_response(|r| r.status()))),
+    ]
+}
+
+// ===== running and measuring =====
+
+/// What one strategy achieved.
+#[derive(Debug, Clone)]
+pub struct StrategyResult {
+    pub name: &'static str,
+    pub calls: usize,
+    pub successes: usize,
+    /// Upstream attempts per call, over the whole run.
+    pub amplification: f64,
+    /// Upstream attempts per call arriving during the outage.
+    pub outage_amplification: f64,
+    /// Peak upstream attempts per second during the outage, over the mean before it.
+    pub peak_load_ratio: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+    /// Seconds after the outage until goodput is back to 90% of its level before it.
+    pub recovery: Option<f64>,
+    /// Upstream attempts and successes per 10 s, for the plot.
+    pub load: Vec<f64>,
+    pub goodput: Vec<f64>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs every strategy on the same arrival trace; call under a paused tokio clock.
+pub async fn run(scenario: &Scenario) -> Vec<StrategyResult> {
+    let arrivals = scenario.arrivals();
+    let names: Vec<&'static str> = strategies(&Upstream::new(scenario), scenario.seed).into_iter().map(|(n, _)| n).collect();
+    let mut results = Vec::new();
+    for index in 0..names.len() {
+        let upstream = Upstream::new(scenario);
+        let (name, client) = strategies(&upstream, scenario.seed).swap_remove(index);
+        results.push(run_one(name, client, &upstream, scenario, &arrivals).await);
+    }
+    results
+}
+
+async fn run_one(name: &'static str, client: Client, upstream: &Upstream, scenario: &Scenario, arrivals: &[Duration]) -> StrategyResult {
+    let start = upstream.0.start;
+    let mut tasks = tokio::task::JoinSet::new();
+    for &at in arrivals {
+        let client = client.clone();
+        let deadline = scenario.deadline;
+        tasks.spawn(async move {
+            tokio::time::sleep_until(start + at).await;
+            let sent = Instant::now();
+            let outcome = tokio::time::timeout(deadline, client.oneshot(Request::new(Full::new(Bytes::from(format!(r#"{{"model":"{PRIMARY}","max_tokens":64}}"#))))))
+                .await;
+            let ok = matches!(outcome, Ok(Ok(status)) if status == StatusCode::OK);
+            (at, sent.elapsed(), ok)
+        });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        outcomes.push(done.expect("a call task"));
+    }
+    let attempts = upstream.0.attempts.lock().unwrap().clone();
+    let (from, to) = (scenario.outage.0.as_secs_f64(), scenario.outage.1.as_secs_f64());
+    let buckets = (scenario.length.as_secs_f64() / 10.0).ceil() as usize + 7;
+    let mut load = vec![0.0; buckets];
+    let mut per_second: HashMap<u64, f64> = HashMap::new();
+    for (at, _) in &attempts {
+        load[(*at / 10.0) as usize] += 1.0;
+        *per_second.entry(*at as u64).or_default() += 1.0;
+    }
+    let mut goodput = vec![0.0; buckets];
+    let mut latencies = Vec::new();
+    for (at, latency, ok) in &outcomes {
+        if *ok {
+            goodput[((at.as_secs_f64() + latency.as_secs_f64()) / 10.0) as usize] += 1.0;
+            latencies.push(*latency);
+        }
+    }
+    latencies.sort();
+    let before = per_second.iter().filter(|(s, _)| (**s as f64) < from).map(|(_, n)| n).sum::<f64>() / from.max(1.0);
+    let peak = per_second.iter().filter(|(s, _)| (**s as f64) >= from && (**s as f64) < to).map(|(_, n)| *n).fold(0.0, f64::max);
+    let arrived_in_outage = arrivals.iter().filter(|a| a.as_secs_f64() >= from && a.as_secs_f64() < to).count();
+    let attempts_in_outage = attempts.iter().filter(|(at, _)| *at >= from && *at < to).count();
+    let baseline = goodput[1..(from / 10.0) as usize].iter().sum::<f64>() / ((from / 10.0) as usize - 1) as f64;
+    let recovery = ((to / 10.0) as usize..buckets)
+        .find(|&b| goodput[b] >= 0.9 * baseline)
+        .map(|b| (b as f64 * 10.0 - to).max(0.0));
+    let successes = outcomes.iter().filter(|(_, _, ok)| *ok).count();
+    StrategyResult {
+        name,
+        calls: outcomes.len(),
+        successes,
+        amplification: attempts.len() as f64 / outcomes.len() as f64,
+        outage_amplification: attempts_in_outage as f64 / arrived_in_outage.max(1) as f64,
+        peak_load_ratio: peak / before.max(1e-9),
+        p50: percentile(&latencies, 0.5),
+        p99: percentile(&latencies, 0.99),
+        recovery,
+        load,
+        goodput,
+    }
+}
+
+/// The table on stdout.
+pub fn table(results: &[StrategyResult]) -> String {
+    let mut out = format!(
+        "{:<30} {:>8} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10}\n",
+        "strategy", "success", "attempts", "in outage", "peak load", "p50", "p99", "recovery"
+    );
+    for r in results {
+        out += &format!(
+            "{:<30} {:>7.1}% {:>9.2}x {:>9.2}x {:>9.1}x {:>8.1}s {:>8.1}s {:>10}\n",
+            r.name,
+            100.0 * r.successes as f64 / r.calls as f64,
+            r.amplification,
+            r.outage_amplification,
+            r.peak_load_ratio,
+            r.p50.as_secs_f64(),
+            r.p99.as_secs_f64(),
+            r.recovery.map_or("never".to_owned(), |s| format!("{s:.0} s")),
+        );
+    }
+    out
+}
+
+/// Upstream load and goodput over time, one line per strategy, as SVG.
+pub fn svg(results: &[StrategyResult], scenario: &Scenario) -> String {
+    const COLOURS: [&str; 7] = ["#888888", "#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#1f77b4", "#2ca02c"];
+    let (width, height, pad) = (900.0, 260.0, 40.0);
+    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{}" font-family="sans-serif" font-size="11">"#, 2.0 * height + 60.0);
+    for (panel, title) in [(0, "upstream attempts per 10 s"), (1, "successful calls per 10 s")] {
+        let top = panel as f64 * (height + 30.0) + 20.0;
+        let series: Vec<&Vec<f64>> = results.iter().map(|r| if panel == 0 { &r.load } else { &r.goodput }).collect();
+        let max = series.iter().flat_map(|s| s.iter()).cloned().fold(1.0, f64::max);
+        let buckets = series.first().map_or(1, |s| s.len()) as f64;
+        let x = |i: f64| pad + i / buckets * (width - 2.0 * pad);
+        let y = |v: f64| top + height - v / max * height;
+        let (from, to) = (scenario.outage.0.as_secs_f64() / 10.0, scenario.outage.1.as_secs_f64() / 10.0);
+        svg += &format!(r##"<rect x="{}" y="{top}" width="{}" height="{height}" fill="#f3e0e0"/>"##, x(from), x(to) - x(from));
+        svg += &format!(r#"<text x="{pad}" y="{}">{title} (outage shaded; max {max:.0})</text>"#, top - 5.0);
+        for (r, colour) in results.iter().zip(COLOURS) {
+            let values = if panel == 0 { &r.load } else { &r.goodput };
+            let points: Vec<String> = values.iter().enumerate().map(|(i, v)| format!("{:.1},{:.1}", x(i as f64), y(*v))).collect();
+            svg += &format!(r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{}"/>"#, points.join(" "));
+        }
+    }
+    for (i, (r, colour)) in results.iter().zip(COLOURS).enumerate() {
+        svg += &format!(r#"<text x="{}" y="{}" fill="{colour}">{}</text>"#, pad + (i % 4) as f64 * 210.0, 2.0 * height + 45.0 + (i / 4) as f64 * 14.0, r.name);
+    }
+    svg + "</svg>\n"
+}
+
+// ===== the AWS backoff paper's contention experiment =====
+
+/// Total work (attempts) and completion time of `clients` contending on one
+/// resource that accepts one write per millisecond slot, per jitter kind.
+pub fn contention(clients: usize, seed: u64) -> Vec<(Jitter, usize, f64)> {
+    [Jitter::None, Jitter::Equal, Jitter::Full, Jitter::Decorrelated]
+        .into_iter()
+        .map(|jitter| {
+            let backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(2000), jitter);
+            let mut rng = SmallRng::seed_from_u64(seed);
+            // (next attempt time in µs, retries so far, previous delay)
+            let mut pending: Vec<(u64, u32, Duration)> = (0..clients).map(|_| (rng.random_range(0..1000), 0, backoff.base())).collect();
+            let (mut work, mut finished) = (0usize, 0u64);
+            while !pending.is_empty() {
+                pending.sort_by_key(|p| p.0);
+                let slot = pending[0].0 / 1000;
+                let contenders = pending.iter().take_while(|p| p.0 / 1000 == slot).count();
+                work += contenders;
+                let mut next = Vec::with_capacity(pending.len());
+                for (i, (at, retries, previous)) in pending.into_iter().enumerate() {
+                    if i >= contenders {
+                        next.push((at, retries, previous));
+                    } else if contenders == 1 {
+                        finished = finished.max(at);
+                    } else {
+                        let delay = backoff.delay(retries, previous, &mut rng);
+                        // A little network noise, as any real client has.
+                        let noise = rng.random_range(0..200);
+                        next.push((at + delay.as_micros() as u64 + 1000 + noise, retries + 1, delay));
+                    }
+                }
+                pending = next;
+            }
+            (jitter, work, finished as f64 / 1000.0)
+        })
+        .collect()
+}
+
+fn main() {
+    let scenario = Scenario::reference();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    println!(
+        "reference storm: {} calls/s for {} s, {PRIMARY} fully down from {} s to {} s, {} s deadline (virtual time)\n",
+        scenario.calls_per_sec,
+        scenario.length.as_secs(),
+        scenario.outage.0.as_secs(),
+        scenario.outage.1.as_secs(),
+        scenario.deadline.as_secs()
+    );
+    let results = runtime.block_on(run(&scenario));
+    print!("{}", table(&results));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/overload_sim.svg");
+    match std::fs::write(&path, svg(&results, &scenario)) {
+        Ok(()) => println!("\nplot: {}", path.display()),
+        Err(error) => println!("\ncould not write the plot: {error}"),
+    }
+    println!("\ncontention on one resource, 100 clients (the AWS backoff paper's experiment):");
+    println!("{:<14} {:>8} {:>12}", "jitter", "work", "completion");
+    for (jitter, work, ms) in contention(100, 7) {
+        println!("{:<14} {:>8} {:>10.0} ms", format!("{jitter:?}"), work, ms);
+    }
+    println!("paper's ordering: work None >> Equal > Full ~ Decorrelated; completion None slowest");
+}
