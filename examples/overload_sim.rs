@@ -31,7 +31,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngExt, SeedableRng};
 use tokio::time::Instant;
 use tower::retry::Policy;
-use tower::retry::backoff::{Backoff as _, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::retry::backoff::{
+    Backoff as _, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff,
+};
 use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
@@ -43,7 +45,11 @@ use tower_overload::stack::OverloadStack;
 use tower_overload::{BoxError, model};
 
 pub const PRIMARY: &str = "claude-opus-4-6";
-const MODELS: [(&str, usize); 3] = [(PRIMARY, 60), ("claude-sonnet-4-6", 60), ("claude-haiku-4-5", 120)];
+const MODELS: [(&str, usize); 3] = [
+    (PRIMARY, 60),
+    ("claude-sonnet-4-6", 60),
+    ("claude-haiku-4-5", 120),
+];
 
 /// The traffic and the storm.
 #[derive(Debug, Clone)]
@@ -140,11 +146,24 @@ impl Service<Request<Full<Bytes>>> for Upstream {
         let state = Arc::clone(&self.0);
         Box::pin(async move {
             use http_body_util::BodyExt;
-            let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            let model = model::extract(&body).map(|m| m.into_owned()).unwrap_or_default();
+            let body = request
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let model = model::extract(&body)
+                .map(|m| m.into_owned())
+                .unwrap_or_default();
             let now = Instant::now();
             let elapsed = now.duration_since(state.start);
-            let record = |status: u16| state.attempts.lock().unwrap().push((elapsed.as_secs_f64(), status));
+            let record = |status: u16| {
+                state
+                    .attempts
+                    .lock()
+                    .unwrap()
+                    .push((elapsed.as_secs_f64(), status))
+            };
             let (from, to) = state.scenario.outage;
             if model == PRIMARY && elapsed >= from && elapsed < to {
                 record(529);
@@ -153,7 +172,8 @@ impl Service<Request<Full<Bytes>>> for Upstream {
             }
             let within_quota = {
                 let mut quota = state.quota.lock().unwrap();
-                let refill = now.duration_since(quota.1).as_secs_f64() * state.scenario.quota_per_sec;
+                let refill =
+                    now.duration_since(quota.1).as_secs_f64() * state.scenario.quota_per_sec;
                 quota.0 = (quota.0 + refill).min(state.scenario.quota_per_sec);
                 quota.1 = now;
                 let ok = quota.0 >= 1.0;
@@ -167,7 +187,10 @@ impl Service<Request<Full<Bytes>>> for Upstream {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 return Ok(reply(429, "rate_limit_error", Some(1)));
             }
-            let capacity = MODELS.iter().find(|(m, _)| *m == model).map_or(60, |(_, c)| *c);
+            let capacity = MODELS
+                .iter()
+                .find(|(m, _)| *m == model)
+                .map_or(60, |(_, c)| *c);
             let admitted = {
                 let mut in_flight = state.in_flight.lock().unwrap();
                 let n = in_flight.entry(model.clone()).or_default();
@@ -185,7 +208,12 @@ impl Service<Request<Full<Bytes>>> for Upstream {
             record(200);
             let service = Duration::from_millis(state.rng.lock().unwrap().random_range(1000..4000));
             tokio::time::sleep(service).await;
-            *state.in_flight.lock().unwrap().get_mut(&model).expect("counted") -= 1;
+            *state
+                .in_flight
+                .lock()
+                .unwrap()
+                .get_mut(&model)
+                .expect("counted") -= 1;
             Ok(reply(200, "", None))
         })
     }
@@ -214,7 +242,11 @@ struct Immediate(u32);
 
 impl Policy<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError> for Immediate {
     type Future = Ready<()>;
-    fn retry(&mut self, _: &mut Request<Full<Bytes>>, result: &mut Result<Response<Full<Bytes>>, BoxError>) -> Option<Ready<()>> {
+    fn retry(
+        &mut self,
+        _: &mut Request<Full<Bytes>>,
+        result: &mut Result<Response<Full<Bytes>>, BoxError>,
+    ) -> Option<Ready<()>> {
         (failed(result) && self.0 < 4).then(|| {
             self.0 += 1;
             ready(())
@@ -231,7 +263,11 @@ struct NoJitter(u32);
 
 impl Policy<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError> for NoJitter {
     type Future = tokio::time::Sleep;
-    fn retry(&mut self, _: &mut Request<Full<Bytes>>, result: &mut Result<Response<Full<Bytes>>, BoxError>) -> Option<Self::Future> {
+    fn retry(
+        &mut self,
+        _: &mut Request<Full<Bytes>>,
+        result: &mut Result<Response<Full<Bytes>>, BoxError>,
+    ) -> Option<Self::Future> {
         if !failed(result) || self.0 >= 4 {
             return None;
         }
@@ -253,15 +289,28 @@ struct OfficialSdk {
 
 impl Policy<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError> for OfficialSdk {
     type Future = tokio::time::Sleep;
-    fn retry(&mut self, _: &mut Request<Full<Bytes>>, result: &mut Result<Response<Full<Bytes>>, BoxError>) -> Option<Self::Future> {
+    fn retry(
+        &mut self,
+        _: &mut Request<Full<Bytes>>,
+        result: &mut Result<Response<Full<Bytes>>, BoxError>,
+    ) -> Option<Self::Future> {
         if !failed(result) || self.retries >= 2 {
             return None;
         }
         let server = result.as_ref().ok().and_then(|r| {
-            let secs: f64 = r.headers().get("retry-after")?.to_str().ok()?.parse().ok()?;
+            let secs: f64 = r
+                .headers()
+                .get("retry-after")?
+                .to_str()
+                .ok()?
+                .parse()
+                .ok()?;
             (secs > 0.0 && secs <= 60.0).then(|| Duration::from_secs_f64(secs))
         });
-        let computed = Duration::from_secs_f64((0.5 * 2f64.powi(self.retries as i32)).min(8.0) * (1.0 - 0.25 * self.rng.random::<f64>()));
+        let computed = Duration::from_secs_f64(
+            (0.5 * 2f64.powi(self.retries as i32)).min(8.0)
+                * (1.0 - 0.25 * self.rng.random::<f64>()),
+        );
         self.retries += 1;
         Some(tokio::time::sleep(server.unwrap_or(computed)))
     }
@@ -290,7 +339,11 @@ struct TowerBudgeted {
 
 impl Policy<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError> for TowerBudgeted {
     type Future = tokio::time::Sleep;
-    fn retry(&mut self, _: &mut Request<Full<Bytes>>, result: &mut Result<Response<Full<Bytes>>, BoxError>) -> Option<Self::Future> {
+    fn retry(
+        &mut self,
+        _: &mut Request<Full<Bytes>>,
+        result: &mut Result<Response<Full<Bytes>>, BoxError>,
+    ) -> Option<Self::Future> {
         if self.attempts == 0 {
             self.budget.deposit();
         }
@@ -314,33 +367,80 @@ fn strategies(upstream: &Upstream, seed: u64) -> Vec<(&'static str, Client)> {
     let raw = ServiceBuilder::new()
         .map_err(|never: Infallible| -> BoxError { match never {} })
         .service(upstream.clone());
-    let status = |service: BoxCloneService<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError>| {
-        BoxCloneService::new(service.map_response(|r: Response<Full<Bytes>>| r.status()))
-    };
-    let tower_backoff = ExponentialBackoffMaker::new(Duration::from_secs(1), Duration::from_secs(60), 0.5, TowerRng(SmallRng::seed_from_u64(seed)))
-        .expect("valid backoff")
-        .make_backoff();
+    let status =
+        |service: BoxCloneService<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError>| {
+            BoxCloneService::new(service.map_response(|r: Response<Full<Bytes>>| r.status()))
+        };
+    let tower_backoff = ExponentialBackoffMaker::new(
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+        0.5,
+        TowerRng(SmallRng::seed_from_u64(seed)),
+    )
+    .expect("valid backoff")
+    .make_backoff();
     let budget = Arc::new(TpsBudget::new(Duration::from_secs(10), 1, 0.2));
-    let ours_retry = OverloadRetryLayer::new(RetryPolicy::foreground().seed(seed)).layer(upstream.clone());
+    let ours_retry =
+        OverloadRetryLayer::new(RetryPolicy::foreground().seed(seed)).layer(upstream.clone());
     let stack = OverloadStack::new()
         .retry(RetryPolicy::foreground().seed(seed))
-        .concurrency(ConcurrencyPerModelLayer::new(60).queue_timeout(Some(Duration::from_secs(10))).max_queued(200).adaptive(Aimd::default()))
+        .concurrency(
+            ConcurrencyPerModelLayer::new(60)
+                .queue_timeout(Some(Duration::from_secs(10)))
+                .max_queued(200)
+                .adaptive(Aimd::default()),
+        )
         .fallback(ModelFallbackLayer::new(MODELS.iter().map(|(m, _)| *m)))
         .layer(upstream.clone());
     vec![
         ("no retry", status(BoxCloneService::new(raw.clone()))),
-        ("immediate retry x5", status(BoxCloneService::new(tower::retry::Retry::new(Immediate(0), raw.clone())))),
-        ("exponential, no jitter", status(BoxCloneService::new(tower::retry::Retry::new(NoJitter(0), raw.clone())))),
+        (
+            "immediate retry x5",
+            status(BoxCloneService::new(tower::retry::Retry::new(
+                Immediate(0),
+                raw.clone(),
+            ))),
+        ),
+        (
+            "exponential, no jitter",
+            status(BoxCloneService::new(tower::retry::Retry::new(
+                NoJitter(0),
+                raw.clone(),
+            ))),
+        ),
         (
             "official SDK policy",
-            status(BoxCloneService::new(tower::retry::Retry::new(OfficialSdk { retries: 0, rng: SmallRng::seed_from_u64(seed) }, raw.clone()))),
+            status(BoxCloneService::new(tower::retry::Retry::new(
+                OfficialSdk {
+                    retries: 0,
+                    rng: SmallRng::seed_from_u64(seed),
+                },
+                raw.clone(),
+            ))),
         ),
         (
             "tower Retry + TpsBudget",
-            status(BoxCloneService::new(tower::retry::Retry::new(TowerBudgeted { attempts: 0, backoff: tower_backoff, budget }, raw.clone()))),
+            status(BoxCloneService::new(tower::retry::Retry::new(
+                TowerBudgeted {
+                    attempts: 0,
+                    backoff: tower_backoff,
+                    budget,
+                },
+                raw.clone(),
+            ))),
         ),
-        ("OverloadRetryLayer foreground", BoxCloneService::new(ours_retry.map_response(|r| r.status()).map_err(BoxError::from))),
-        ("full stack", BoxCloneService::new(stack.map_response(|r| r.status()))),
+        (
+            "OverloadRetryLayer foreground",
+            BoxCloneService::new(
+                ours_retry
+                    .map_response(|r| r.status())
+                    .map_err(BoxError::from),
+            ),
+        ),
+        (
+            "full stack",
+            BoxCloneService::new(stack.map_response(|r| r.status())),
+        ),
     ]
 }
 
@@ -377,7 +477,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// Runs every strategy on the same arrival trace; call under a paused tokio clock.
 pub async fn run(scenario: &Scenario) -> Vec<StrategyResult> {
     let arrivals = scenario.arrivals();
-    let names: Vec<&'static str> = strategies(&Upstream::new(scenario), scenario.seed).into_iter().map(|(n, _)| n).collect();
+    let names: Vec<&'static str> = strategies(&Upstream::new(scenario), scenario.seed)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     let mut results = Vec::new();
     for index in 0..names.len() {
         let upstream = Upstream::new(scenario);
@@ -387,7 +490,13 @@ pub async fn run(scenario: &Scenario) -> Vec<StrategyResult> {
     results
 }
 
-async fn run_one(name: &'static str, client: Client, upstream: &Upstream, scenario: &Scenario, arrivals: &[Duration]) -> StrategyResult {
+async fn run_one(
+    name: &'static str,
+    client: Client,
+    upstream: &Upstream,
+    scenario: &Scenario,
+    arrivals: &[Duration],
+) -> StrategyResult {
     let start = upstream.0.start;
     let mut tasks = tokio::task::JoinSet::new();
     for &at in arrivals {
@@ -396,8 +505,13 @@ async fn run_one(name: &'static str, client: Client, upstream: &Upstream, scenar
         tasks.spawn(async move {
             tokio::time::sleep_until(start + at).await;
             let sent = Instant::now();
-            let outcome = tokio::time::timeout(deadline, client.oneshot(Request::new(Full::new(Bytes::from(format!(r#"{{"model":"{PRIMARY}","max_tokens":64}}"#))))))
-                .await;
+            let outcome = tokio::time::timeout(
+                deadline,
+                client.oneshot(Request::new(Full::new(Bytes::from(format!(
+                    r#"{{"model":"{PRIMARY}","max_tokens":64}}"#
+                ))))),
+            )
+            .await;
             let ok = matches!(outcome, Ok(Ok(status)) if status == StatusCode::OK);
             (at, sent.elapsed(), ok)
         });
@@ -407,7 +521,10 @@ async fn run_one(name: &'static str, client: Client, upstream: &Upstream, scenar
         outcomes.push(done.expect("a call task"));
     }
     let attempts = upstream.0.attempts.lock().unwrap().clone();
-    let (from, to) = (scenario.outage.0.as_secs_f64(), scenario.outage.1.as_secs_f64());
+    let (from, to) = (
+        scenario.outage.0.as_secs_f64(),
+        scenario.outage.1.as_secs_f64(),
+    );
     let buckets = (scenario.length.as_secs_f64() / 10.0).ceil() as usize + 7;
     let mut load = vec![0.0; buckets];
     let mut per_second: HashMap<u64, f64> = HashMap::new();
@@ -424,11 +541,27 @@ async fn run_one(name: &'static str, client: Client, upstream: &Upstream, scenar
         }
     }
     latencies.sort();
-    let before = per_second.iter().filter(|(s, _)| (**s as f64) < from).map(|(_, n)| n).sum::<f64>() / from.max(1.0);
-    let peak = per_second.iter().filter(|(s, _)| (**s as f64) >= from && (**s as f64) < to).map(|(_, n)| *n).fold(0.0, f64::max);
-    let arrived_in_outage = arrivals.iter().filter(|a| a.as_secs_f64() >= from && a.as_secs_f64() < to).count();
-    let attempts_in_outage = attempts.iter().filter(|(at, _)| *at >= from && *at < to).count();
-    let baseline = goodput[1..(from / 10.0) as usize].iter().sum::<f64>() / ((from / 10.0) as usize - 1) as f64;
+    let before = per_second
+        .iter()
+        .filter(|(s, _)| (**s as f64) < from)
+        .map(|(_, n)| n)
+        .sum::<f64>()
+        / from.max(1.0);
+    let peak = per_second
+        .iter()
+        .filter(|(s, _)| (**s as f64) >= from && (**s as f64) < to)
+        .map(|(_, n)| *n)
+        .fold(0.0, f64::max);
+    let arrived_in_outage = arrivals
+        .iter()
+        .filter(|a| a.as_secs_f64() >= from && a.as_secs_f64() < to)
+        .count();
+    let attempts_in_outage = attempts
+        .iter()
+        .filter(|(at, _)| *at >= from && *at < to)
+        .count();
+    let baseline = goodput[1..(from / 10.0) as usize].iter().sum::<f64>()
+        / ((from / 10.0) as usize - 1) as f64;
     let recovery = ((to / 10.0) as usize..buckets)
         .find(|&b| goodput[b] >= 0.9 * baseline)
         .map(|b| (b as f64 * 10.0 - to).max(0.0));
@@ -464,7 +597,8 @@ pub fn table(results: &[StrategyResult]) -> String {
             r.peak_load_ratio,
             r.p50.as_secs_f64(),
             r.p99.as_secs_f64(),
-            r.recovery.map_or("never".to_owned(), |s| format!("{s:.0} s")),
+            r.recovery
+                .map_or("never".to_owned(), |s| format!("{s:.0} s")),
         );
     }
     out
@@ -472,27 +606,64 @@ pub fn table(results: &[StrategyResult]) -> String {
 
 /// Upstream load and goodput over time, one line per strategy, as SVG.
 pub fn svg(results: &[StrategyResult], scenario: &Scenario) -> String {
-    const COLOURS: [&str; 7] = ["#888888", "#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#1f77b4", "#2ca02c"];
+    const COLOURS: [&str; 7] = [
+        "#888888", "#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#1f77b4", "#2ca02c",
+    ];
     let (width, height, pad) = (900.0, 260.0, 40.0);
-    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{}" font-family="sans-serif" font-size="11">"#, 2.0 * height + 60.0);
-    for (panel, title) in [(0, "upstream attempts per 10 s"), (1, "successful calls per 10 s")] {
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{}" font-family="sans-serif" font-size="11">"#,
+        2.0 * height + 60.0
+    );
+    for (panel, title) in [
+        (0, "upstream attempts per 10 s"),
+        (1, "successful calls per 10 s"),
+    ] {
         let top = panel as f64 * (height + 30.0) + 20.0;
-        let series: Vec<&Vec<f64>> = results.iter().map(|r| if panel == 0 { &r.load } else { &r.goodput }).collect();
-        let max = series.iter().flat_map(|s| s.iter()).cloned().fold(1.0, f64::max);
+        let series: Vec<&Vec<f64>> = results
+            .iter()
+            .map(|r| if panel == 0 { &r.load } else { &r.goodput })
+            .collect();
+        let max = series
+            .iter()
+            .flat_map(|s| s.iter())
+            .cloned()
+            .fold(1.0, f64::max);
         let buckets = series.first().map_or(1, |s| s.len()) as f64;
         let x = |i: f64| pad + i / buckets * (width - 2.0 * pad);
         let y = |v: f64| top + height - v / max * height;
-        let (from, to) = (scenario.outage.0.as_secs_f64() / 10.0, scenario.outage.1.as_secs_f64() / 10.0);
-        svg += &format!(r##"<rect x="{}" y="{top}" width="{}" height="{height}" fill="#f3e0e0"/>"##, x(from), x(to) - x(from));
-        svg += &format!(r#"<text x="{pad}" y="{}">{title} (outage shaded; max {max:.0})</text>"#, top - 5.0);
+        let (from, to) = (
+            scenario.outage.0.as_secs_f64() / 10.0,
+            scenario.outage.1.as_secs_f64() / 10.0,
+        );
+        svg += &format!(
+            r##"<rect x="{}" y="{top}" width="{}" height="{height}" fill="#f3e0e0"/>"##,
+            x(from),
+            x(to) - x(from)
+        );
+        svg += &format!(
+            r#"<text x="{pad}" y="{}">{title} (outage shaded; max {max:.0})</text>"#,
+            top - 5.0
+        );
         for (r, colour) in results.iter().zip(COLOURS) {
             let values = if panel == 0 { &r.load } else { &r.goodput };
-            let points: Vec<String> = values.iter().enumerate().map(|(i, v)| format!("{:.1},{:.1}", x(i as f64), y(*v))).collect();
-            svg += &format!(r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{}"/>"#, points.join(" "));
+            let points: Vec<String> = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!("{:.1},{:.1}", x(i as f64), y(*v)))
+                .collect();
+            svg += &format!(
+                r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{}"/>"#,
+                points.join(" ")
+            );
         }
     }
     for (i, (r, colour)) in results.iter().zip(COLOURS).enumerate() {
-        svg += &format!(r#"<text x="{}" y="{}" fill="{colour}">{}</text>"#, pad + (i % 4) as f64 * 210.0, 2.0 * height + 45.0 + (i / 4) as f64 * 14.0, r.name);
+        svg += &format!(
+            r#"<text x="{}" y="{}" fill="{colour}">{}</text>"#,
+            pad + (i % 4) as f64 * 210.0,
+            2.0 * height + 45.0 + (i / 4) as f64 * 14.0,
+            r.name
+        );
     }
     svg + "</svg>\n"
 }
@@ -502,37 +673,52 @@ pub fn svg(results: &[StrategyResult], scenario: &Scenario) -> String {
 /// Total work (attempts) and completion time of `clients` contending on one
 /// resource that accepts one write per millisecond slot, per jitter kind.
 pub fn contention(clients: usize, seed: u64) -> Vec<(Jitter, usize, f64)> {
-    [Jitter::None, Jitter::Equal, Jitter::Full, Jitter::Decorrelated]
-        .into_iter()
-        .map(|jitter| {
-            let backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(2000), jitter);
-            let mut rng = SmallRng::seed_from_u64(seed);
-            // (next attempt time in µs, retries so far, previous delay)
-            let mut pending: Vec<(u64, u32, Duration)> = (0..clients).map(|_| (rng.random_range(0..1000), 0, backoff.base())).collect();
-            let (mut work, mut finished) = (0usize, 0u64);
-            while !pending.is_empty() {
-                pending.sort_by_key(|p| p.0);
-                let slot = pending[0].0 / 1000;
-                let contenders = pending.iter().take_while(|p| p.0 / 1000 == slot).count();
-                work += contenders;
-                let mut next = Vec::with_capacity(pending.len());
-                for (i, (at, retries, previous)) in pending.into_iter().enumerate() {
-                    if i >= contenders {
-                        next.push((at, retries, previous));
-                    } else if contenders == 1 {
-                        finished = finished.max(at);
-                    } else {
-                        let delay = backoff.delay(retries, previous, &mut rng);
-                        // A little network noise, as any real client has.
-                        let noise = rng.random_range(0..200);
-                        next.push((at + delay.as_micros() as u64 + 1000 + noise, retries + 1, delay));
-                    }
+    [
+        Jitter::None,
+        Jitter::Equal,
+        Jitter::Full,
+        Jitter::Decorrelated,
+    ]
+    .into_iter()
+    .map(|jitter| {
+        let backoff = Backoff::new(
+            Duration::from_millis(5),
+            Duration::from_millis(2000),
+            jitter,
+        );
+        let mut rng = SmallRng::seed_from_u64(seed);
+        // (next attempt time in µs, retries so far, previous delay)
+        let mut pending: Vec<(u64, u32, Duration)> = (0..clients)
+            .map(|_| (rng.random_range(0..1000), 0, backoff.base()))
+            .collect();
+        let (mut work, mut finished) = (0usize, 0u64);
+        while !pending.is_empty() {
+            pending.sort_by_key(|p| p.0);
+            let slot = pending[0].0 / 1000;
+            let contenders = pending.iter().take_while(|p| p.0 / 1000 == slot).count();
+            work += contenders;
+            let mut next = Vec::with_capacity(pending.len());
+            for (i, (at, retries, previous)) in pending.into_iter().enumerate() {
+                if i >= contenders {
+                    next.push((at, retries, previous));
+                } else if contenders == 1 {
+                    finished = finished.max(at);
+                } else {
+                    let delay = backoff.delay(retries, previous, &mut rng);
+                    // A little network noise, as any real client has.
+                    let noise = rng.random_range(0..200);
+                    next.push((
+                        at + delay.as_micros() as u64 + 1000 + noise,
+                        retries + 1,
+                        delay,
+                    ));
                 }
-                pending = next;
             }
-            (jitter, work, finished as f64 / 1000.0)
-        })
-        .collect()
+            pending = next;
+        }
+        (jitter, work, finished as f64 / 1000.0)
+    })
+    .collect()
 }
 
 fn main() {

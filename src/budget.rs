@@ -429,3 +429,173 @@ mod tests {
         assert!((20_000..20_000 + threads).contains(&granted), "{granted}");
     }
 }
+
+/// A retry quota in the style of the AWS SDKs' standard retry mode: a bucket
+/// of tokens shared by every clone, from which each retry takes a few (more
+/// for a timeout), and to which each success gives back.
+///
+/// With the defaults (500 tokens, 5 per retry, 10 per timeout retry, 1 back
+/// per first-try success, the cost back when a retry succeeds), a client
+/// can retry about 100 times in a row before the bucket is empty. In a full
+/// outage nothing comes back, so after those retries every call is tried
+/// once: the longer the storm, the closer the upstream's load gets to one
+/// attempt per call. When calls succeed again, retries come back with them.
+///
+/// ```
+/// use tower_overload::budget::RetryQuota;
+/// use tower_overload::classify::Class;
+///
+/// let quota = RetryQuota::new(20, 5, 10);
+/// assert!(quota.try_retry(Class::Overloaded));
+/// assert!(quota.try_retry(Class::Timeout));
+/// assert!(!quota.try_retry(Class::Timeout), "5 tokens left, a timeout retry costs 10");
+/// quota.on_success(None);
+/// assert_eq!(quota.available(), 6);
+/// ```
+#[derive(Clone)]
+pub struct RetryQuota {
+    shared: Arc<QuotaShared>,
+}
+
+struct QuotaShared {
+    capacity: u32,
+    retry_cost: u32,
+    timeout_cost: u32,
+    tokens: AtomicU64,
+}
+
+impl Default for RetryQuota {
+    fn default() -> Self {
+        Self::new(500, 5, 10)
+    }
+}
+
+impl RetryQuota {
+    /// A full bucket of `capacity` tokens; a retry costs `retry_cost`, a
+    /// retry after a timeout or transport failure `timeout_cost`.
+    ///
+    /// ```
+    /// # use tower_overload::budget::RetryQuota;
+    /// let quota = RetryQuota::new(500, 5, 10);
+    /// assert_eq!(quota.available(), 500);
+    /// ```
+    pub fn new(capacity: u32, retry_cost: u32, timeout_cost: u32) -> Self {
+        Self {
+            shared: Arc::new(QuotaShared {
+                capacity,
+                retry_cost,
+                timeout_cost,
+                tokens: AtomicU64::new(u64::from(capacity)),
+            }),
+        }
+    }
+
+    /// Tokens left.
+    ///
+    /// ```
+    /// # use tower_overload::budget::RetryQuota;
+    /// assert_eq!(RetryQuota::default().available(), 500);
+    /// ```
+    pub fn available(&self) -> u32 {
+        self.shared.tokens.load(Ordering::Acquire) as u32
+    }
+
+    /// What a retry after an outcome of `class` costs.
+    ///
+    /// ```
+    /// # use tower_overload::{budget::RetryQuota, classify::Class};
+    /// assert_eq!(RetryQuota::default().cost(Class::Timeout), 10);
+    /// assert_eq!(RetryQuota::default().cost(Class::Overloaded), 5);
+    /// ```
+    pub fn cost(&self, class: crate::classify::Class) -> u32 {
+        use crate::classify::Class;
+        match class {
+            Class::Timeout | Class::Transport => self.shared.timeout_cost,
+            _ => self.shared.retry_cost,
+        }
+    }
+
+    /// Takes the cost of one retry after an outcome of `class`; `false`
+    /// (and nothing taken) when the bucket cannot pay.
+    ///
+    /// ```
+    /// # use tower_overload::{budget::RetryQuota, classify::Class};
+    /// let quota = RetryQuota::new(4, 5, 10);
+    /// assert!(!quota.try_retry(Class::Overloaded));
+    /// ```
+    pub fn try_retry(&self, class: crate::classify::Class) -> bool {
+        let cost = u64::from(self.cost(class));
+        self.shared
+            .tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tokens| {
+                tokens.checked_sub(cost)
+            })
+            .is_ok()
+    }
+
+    /// A call succeeded. `retried_after` is the class whose retry led to the
+    /// success (its cost comes back), or `None` for a first-try success (one
+    /// token comes back). Never past the capacity.
+    ///
+    /// ```
+    /// # use tower_overload::{budget::RetryQuota, classify::Class};
+    /// let quota = RetryQuota::new(10, 5, 10);
+    /// assert!(quota.try_retry(Class::Overloaded));
+    /// quota.on_success(Some(Class::Overloaded));
+    /// assert_eq!(quota.available(), 10);
+    /// ```
+    pub fn on_success(&self, retried_after: Option<crate::classify::Class>) {
+        let back = u64::from(retried_after.map_or(1, |class| self.cost(class)));
+        let capacity = u64::from(self.shared.capacity);
+        let _ = self
+            .shared
+            .tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tokens| {
+                Some((tokens + back).min(capacity))
+            });
+    }
+}
+
+impl fmt::Debug for RetryQuota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryQuota")
+            .field("available", &self.available())
+            .field("capacity", &self.shared.capacity)
+            .field("retry_cost", &self.shared.retry_cost)
+            .field("timeout_cost", &self.shared.timeout_cost)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod quota_tests {
+    use super::*;
+    use crate::classify::Class;
+
+    #[test]
+    fn a_full_outage_drains_it_then_every_call_is_tried_once() {
+        let quota = RetryQuota::default();
+        let retries = (0..10_000)
+            .filter(|_| quota.try_retry(Class::Overloaded))
+            .count();
+        assert_eq!(retries, 100);
+        assert_eq!(quota.available(), 0);
+        for _ in 0..5 {
+            quota.on_success(None);
+        }
+        assert!(quota.try_retry(Class::Overloaded));
+        assert!(!quota.try_retry(Class::Overloaded));
+    }
+
+    #[test]
+    fn clones_share_it_and_it_never_overflows() {
+        let quota = RetryQuota::new(10, 5, 10);
+        let clone = quota.clone();
+        assert!(clone.try_retry(Class::ServerError));
+        assert_eq!(quota.available(), 5);
+        for _ in 0..100 {
+            quota.on_success(Some(Class::Timeout));
+        }
+        assert_eq!(quota.available(), 10);
+    }
+}

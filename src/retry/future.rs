@@ -17,6 +17,7 @@ use tower_service::Service;
 use crate::body::{PeekedBody, ReplayableBody};
 use crate::classify::{self, Class, Classification, Hints, MAX_SNIFF_BYTES};
 use crate::model::{self, Model};
+use crate::retry::policy::Rationing;
 use crate::retry::report::{Attempt, AttemptRecord, RetryReport};
 use crate::retry::{
     AttemptLog, Decision, FinalFailure, Outcome, RetryPolicy, Silence, StopReason, StreamGuard,
@@ -132,7 +133,7 @@ where
 {
     pub(crate) fn new(mut service: S, request: Request<B>, policy: Arc<RetryPolicy>) -> Self {
         let started = Instant::now();
-        if let Some(budget) = &policy.budget {
+        if let Some(Rationing::Budget(budget)) = &policy.rationing {
             budget.deposit();
         }
         let (parts, body) = request.into_parts();

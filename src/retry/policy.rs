@@ -10,7 +10,7 @@ use http::HeaderName;
 use rand::{SeedableRng, rngs::SmallRng};
 
 use crate::backoff::{Backoff, Jitter};
-use crate::budget::RetryBudget;
+use crate::budget::{RetryBudget, RetryQuota};
 use crate::classify::{Class, Classification};
 use crate::retry::classify_error::{ClassifyError, DefaultErrorClassifier};
 
@@ -125,7 +125,7 @@ pub enum FinalFailure {
 ///
 /// Start from a preset, [`foreground`](Self::foreground) for a person
 /// waiting or [`background`](Self::background) for a job that can ride out a
-/// storm, and adjust. Clones share one retry budget.
+/// storm, and adjust. Clones share one retry quota (or budget).
 ///
 /// ```
 /// use std::time::Duration;
@@ -148,13 +148,31 @@ pub struct RetryPolicy {
     pub(crate) max_attempts: u32,
     pub(crate) deadline: Option<Duration>,
     pub(crate) max_server_delay: Duration,
-    pub(crate) budget: Option<RetryBudget>,
+    pub(crate) rationing: Option<Rationing>,
     pub(crate) final_failure: FinalFailure,
     pub(crate) retry_count_header: Option<HeaderName>,
     pub(crate) sniff_timeout: Duration,
     pub(crate) stream_guard: Option<StreamGuard>,
     pub(crate) error_classifier: Arc<dyn ClassifyError>,
     pub(crate) seeds: Arc<SeedSource>,
+}
+
+/// How retries are rationed across the calls of every clone.
+#[derive(Debug, Clone)]
+pub(crate) enum Rationing {
+    /// A fraction of traffic plus a floor (Finagle's / tower's budget).
+    Budget(RetryBudget),
+    /// A bucket of tokens that successes refill (the AWS SDKs' quota).
+    Quota(RetryQuota),
+}
+
+impl Rationing {
+    fn try_retry(&self, class: Class) -> bool {
+        match self {
+            Rationing::Budget(budget) => budget.withdraw(),
+            Rationing::Quota(quota) => quota.try_retry(class),
+        }
+    }
 }
 
 /// Seeds one RNG per call: reproducible when seeded, different for every call.
@@ -199,9 +217,11 @@ impl RetryPolicy {
     /// (base 1 s, cap 60 s); rate limits wait what the server says (up to 60 s,
     /// 3 attempts); server errors, timeouts, conflicts and connection failures
     /// get 3 attempts (equal jitter, 0.5 s to 8 s, as the official SDKs); at
-    /// most 6 attempts in all, and no retry is started after 60 s. A retry
-    /// budget of 20% of traffic (floor 1 retry a second over 10 s) is shared
-    /// by every clone.
+    /// most 6 attempts in all, and no retry is started after 60 s. Retries
+    /// are rationed by a [`RetryQuota`] shared by every clone (500 tokens, 5
+    /// a retry, 10 after a timeout, refilled by successes): about 100 retries
+    /// in a row, then, in a full outage, one attempt per call until calls
+    /// succeed again.
     ///
     /// ```
     /// use tower_overload::retry::RetryPolicy;
@@ -220,7 +240,7 @@ impl RetryPolicy {
             max_attempts: 6,
             deadline: Some(Duration::from_secs(60)),
             max_server_delay: Duration::from_secs(60),
-            budget: Some(RetryBudget::new(Duration::from_secs(10), 1, 0.2)),
+            rationing: Some(Rationing::Quota(RetryQuota::default())),
             final_failure: FinalFailure::Response,
             retry_count_header: None,
             sniff_timeout: Duration::from_secs(5),
@@ -234,7 +254,7 @@ impl RetryPolicy {
     /// 12 attempts with full jitter (base 30 s, cap 300 s); rate limits wait
     /// what the server says up to 300 s (8 attempts); other transient
     /// failures get 6 attempts (equal jitter, 5 s to 120 s); at most 16
-    /// attempts, and no retry is started after 30 minutes. Same budget as
+    /// attempts, and no retry is started after 30 minutes. Same quota as
     /// [`foreground`](Self::foreground).
     ///
     /// ```
@@ -386,7 +406,9 @@ impl RetryPolicy {
         self
     }
 
-    /// The retry budget shared by every clone, or none.
+    /// Rations retries with a [`RetryBudget`] (a fraction of traffic plus a
+    /// floor) shared by every clone, or not at all with `None`. Replaces the
+    /// preset's quota.
     ///
     /// ```
     /// # use std::time::Duration;
@@ -395,7 +417,19 @@ impl RetryPolicy {
     /// let policy = RetryPolicy::foreground().budget(Some(shared.clone()));
     /// ```
     pub fn budget(mut self, budget: Option<RetryBudget>) -> Self {
-        self.budget = budget;
+        self.rationing = budget.map(Rationing::Budget);
+        self
+    }
+
+    /// Rations retries with a [`RetryQuota`] shared by every clone (the
+    /// presets' choice), or not at all with `None`. Replaces any budget.
+    ///
+    /// ```
+    /// # use tower_overload::{budget::RetryQuota, retry::RetryPolicy};
+    /// let policy = RetryPolicy::background().retry_quota(Some(RetryQuota::new(1000, 5, 10)));
+    /// ```
+    pub fn retry_quota(mut self, quota: Option<RetryQuota>) -> Self {
+        self.rationing = quota.map(Rationing::Quota);
         self
     }
 
@@ -502,7 +536,7 @@ impl RetryPolicy {
     }
 
     /// Decides what follows one failed attempt. Pure but for the retry
-    /// budget, which it draws from only when it answers [`Decision::Retry`].
+    /// budget or quota, which it draws from only when it answers [`Decision::Retry`].
     ///
     /// ```
     /// use std::time::Duration;
@@ -565,8 +599,8 @@ impl RetryPolicy {
         if !outcome.body_replayable {
             return Decision::Stop(StopReason::BodyNotReplayable);
         }
-        if let Some(budget) = &self.budget
-            && !budget.withdraw()
+        if let Some(rationing) = &self.rationing
+            && !rationing.try_retry(verdict.class)
         {
             return Decision::Stop(StopReason::BudgetExhausted);
         }
@@ -597,7 +631,7 @@ impl fmt::Debug for RetryPolicy {
             .field("max_attempts", &self.max_attempts)
             .field("deadline", &self.deadline)
             .field("max_server_delay", &self.max_server_delay)
-            .field("budget", &self.budget)
+            .field("rationing", &self.rationing)
             .field("final_failure", &self.final_failure)
             .field("retry_count_header", &self.retry_count_header)
             .field("sniff_timeout", &self.sniff_timeout)
