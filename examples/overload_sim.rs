@@ -612,7 +612,7 @@ pub fn svg(results: &[StrategyResult], scenario: &Scenario) -> String {
     let (width, height, pad) = (900.0, 260.0, 40.0);
     let mut svg = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{}" font-family="sans-serif" font-size="11">"#,
-        2.0 * height + 60.0
+        2.0 * height + 100.0
     );
     for (panel, title) in [
         (0, "upstream attempts per 10 s"),
@@ -661,7 +661,7 @@ pub fn svg(results: &[StrategyResult], scenario: &Scenario) -> String {
         svg += &format!(
             r#"<text x="{}" y="{}" fill="{colour}">{}</text>"#,
             pad + (i % 4) as f64 * 210.0,
-            2.0 * height + 45.0 + (i / 4) as f64 * 14.0,
+            2.0 * height + 75.0 + (i / 4) as f64 * 14.0,
             r.name
         );
     }
