@@ -224,6 +224,8 @@ struct Script {
     per_model: HashMap<String, VecDeque<Reply>>,
     /// Until when a model answers with a storm reply.
     storms: HashMap<String, (Instant, Reply)>,
+    /// Weighted replies drawn for every request, with the generator's state.
+    chaos: Option<(u64, Vec<(u32, Reply)>)>,
     default: Option<Reply>,
     capacity: Option<usize>,
     latency: Duration,
@@ -329,6 +331,12 @@ impl MockUpstream {
             .unwrap()
             .storms
             .insert(model.to_owned(), (until, reply));
+    }
+
+    /// Every request draws its reply from `replies` by weight (a seeded
+    /// generator), before any queue: random faults for load tests.
+    pub fn set_chaos(&self, seed: u64, replies: Vec<(u32, Reply)>) {
+        self.state.script.lock().unwrap().chaos = Some((seed, replies));
     }
 
     /// The reply when nothing is queued (initially 200 [`Reply::ok`]).
@@ -500,8 +508,29 @@ async fn handle(
             .get(&model_key)
             .filter(|(until, _)| at < *until)
             .map(|(_, reply)| reply.clone());
+        let drawn = script.chaos.as_mut().map(|(state, replies)| {
+            // SplitMix64: a small, seeded, well-mixed sequence.
+            *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = *state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let total: u64 = replies.iter().map(|(w, _)| u64::from(*w)).sum();
+            let mut pick = z % total.max(1);
+            replies
+                .iter()
+                .find(|(w, _)| {
+                    let hit = pick < u64::from(*w);
+                    pick = pick.saturating_sub(u64::from(*w));
+                    hit
+                })
+                .map(|(_, reply)| reply.clone())
+                .unwrap_or_else(Reply::ok)
+        });
         let reply = if over_capacity {
             Reply::overloaded()
+        } else if let Some(reply) = drawn {
+            reply
         } else if let Some(reply) = storm {
             reply
         } else {
