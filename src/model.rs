@@ -272,6 +272,26 @@ mod tests {
         }
 
         #[test]
+        fn rewrite_changes_only_the_model_value(
+            before in proptest::collection::vec(("[a-z]{1,8}", json_value()), 0..4),
+            original in "[a-zA-Z0-9 .\\-\"\\\\]{0,24}",
+            replacement in "\\PC{0,24}|[\"\\\\\n\t\u{1}]{0,5}",
+            after in proptest::collection::vec(("[a-z]{1,8}", json_value()), 0..4),
+        ) {
+            let mut object = serde_json::Map::new();
+            for (k, v) in before { if k != "model" { object.insert(k, v); } }
+            object.insert("model".into(), json!(original));
+            for (k, v) in after { if k != "model" { object.insert(k, v); } }
+            let body = serde_json::to_vec(&Value::Object(object)).unwrap();
+            let rewritten = rewrite(&body, &replacement).unwrap();
+            let read_back = extract(&rewritten);
+            prop_assert_eq!(read_back.as_deref(), Some(replacement.as_str()));
+            // Writing the original back gives the original bytes: nothing else moved.
+            let restored = rewrite(&rewritten, &original).unwrap();
+            prop_assert_eq!(restored, Bytes::from(body));
+        }
+
+        #[test]
         fn extract_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = extract(&body);
             let _ = rewrite(&body, "x");
