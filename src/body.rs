@@ -494,6 +494,7 @@ impl<B: Body> PeekedBody<B> {
     }
 
     /// Counts (and logs) error events in every chunk yielded from here on.
+    #[cfg_attr(not(feature = "retry"), allow(dead_code))]
     pub(crate) fn watch_for_errors(
         mut self,
         errors: MidStreamErrors,
