@@ -62,7 +62,9 @@ pub fn extract(body: &[u8]) -> Option<Cow<'_, str>> {
 /// ```
 pub fn rewrite(body: &[u8], model: &str) -> Option<Bytes> {
     let start = json::find_member(body, 0, "model")?;
-    let (_, end) = json::string_at(body, start)?;
+    let (current, end) = json::string_at(body, start)?;
+    // A value extract cannot read (a bad escape, invalid UTF-8) is not a model to replace.
+    current.decode()?;
     let mut out = Vec::with_capacity(body.len() - (end - start) + model.len() + 2);
     out.extend_from_slice(&body[..start]);
     out.push(b'"');
@@ -219,6 +221,9 @@ mod tests {
         let out = rewrite(br#"{"model":"\u006d"}"#, "new\nline").unwrap();
         assert_eq!(&out[..], br#"{"model":"new\nline"}"#);
         assert!(rewrite(br#"{"model":7}"#, "x").is_none());
+        // Found by fuzzing: a value extract rejects is not rewritten either.
+        assert!(rewrite(br#"{"model":"bad \q escape"}"#, "x").is_none());
+        assert!(rewrite(b"{\"model\":\"\xff\"}", "x").is_none());
         assert!(rewrite(b"garbage", "x").is_none());
     }
 
