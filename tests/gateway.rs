@@ -5,9 +5,7 @@ mod support;
 #[path = "../examples/gateway.rs"]
 mod gateway;
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,28 +42,9 @@ async fn json(response: http::Response<hyper::body::Incoming>) -> serde_json::Va
     serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap()
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_storm_is_absorbed_with_headers_and_body_forwarded_and_no_key_logged() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = support::capture_logs();
 
     let mock = MockUpstream::start().await;
     mock.push([
@@ -109,7 +88,7 @@ async fn a_storm_is_absorbed_with_headers_and_body_forwarded_and_no_key_logged()
         );
         assert!(forwarded.headers.get("x-client-request-id").is_some());
     }
-    let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    let logs = captured.text();
     assert!(
         logs.contains("req_mock_000001"),
         "attempts are logged with their ids"

@@ -255,24 +255,7 @@ async fn no_call_hangs_past_its_deadline_whatever_the_upstream_does() {
 
 #[tokio::test(start_paused = true)]
 async fn secrets_never_reach_the_logs_in_a_storm_with_fallback() {
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = support::capture_logs();
 
     let mock = MockUpstream::start().await;
     mock.push_for_model(MODELS[0], std::iter::repeat_n(Reply::overloaded(), 50));
@@ -290,7 +273,7 @@ async fn secrets_never_reach_the_logs_in_a_storm_with_fallback() {
         let response = service.clone().oneshot(request).await.unwrap();
         response.into_body().collect().await.unwrap();
     }
-    let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    let logs = captured.text();
     assert!(logs.contains("falling back"), "the storm was logged");
     for secret in [
         "SECRET-KEY",

@@ -85,8 +85,6 @@ async fn a_full_queue_surfaces_as_itself_through_the_retry_layer() {
 
 mod full_stack {
     use http_body_util::BodyExt;
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
     use tower::{Layer, ServiceExt};
     use tower_overload::RequestId;
     use tower_overload::concurrency::ConcurrencyPerModelLayer;
@@ -95,46 +93,14 @@ mod full_stack {
     use tower_overload::retry::RetryPolicy;
     use tower_overload::stack::OverloadStack;
 
-    use crate::support::{MockUpstream, Reply, client, messages_request};
-
-    /// Everything the fmt subscriber writes, for assertions.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Captured {
-        fn text(&self) -> String {
-            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-        }
-    }
-
-    fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        let guard = tracing::subscriber::set_default(subscriber);
-        (captured, guard)
-    }
+    use crate::support::{MockUpstream, Reply, capture_logs, client, messages_request};
 
     const OPUS: &str = "claude-opus-4-6";
     const SONNET: &str = "claude-sonnet-4-6";
 
     #[tokio::test(start_paused = true)]
     async fn a_storm_with_fallback_on_is_served_by_the_next_model_and_fully_logged() {
-        let (logs, _guard) = capture();
+        let (logs, _guard) = capture_logs();
         let mock = MockUpstream::start().await;
         mock.push_for_model(OPUS, std::iter::repeat_n(Reply::overloaded(), 100));
         let stats = OverloadStats::new();
@@ -182,7 +148,7 @@ mod full_stack {
 
     #[tokio::test(start_paused = true)]
     async fn a_storm_with_fallback_off_is_ridden_out_by_retries() {
-        let (logs, _guard) = capture();
+        let (logs, _guard) = capture_logs();
         let mock = MockUpstream::start().await;
         mock.push_for_model(OPUS, std::iter::repeat_n(Reply::overloaded(), 3));
         let service = OverloadStack::new()
