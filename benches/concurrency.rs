@@ -84,6 +84,28 @@ async fn yielding(_request: Request<Body>) -> Result<Response<Body>, Infallible>
     Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
 }
 
+/// `calls` calls at once over the models in turn, each body read to the end.
+async fn all_calls<S, R>(service: &S, calls: usize, body: &Bytes, models: &[Model])
+where
+    S: tower::Service<Request<Body>, Response = Response<R>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+    R: http_body::Body + Send + 'static,
+    R::Data: Send,
+    R::Error: std::fmt::Debug,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..calls {
+        let service = service.clone();
+        let request = request(body, Some(&models[i % models.len()]));
+        tasks.spawn(async move {
+            let response = service.oneshot(request).await.unwrap();
+            response.into_body().collect().await.unwrap();
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
 fn bench_contended(c: &mut Criterion) {
     const CALLS: usize = 300;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -101,40 +123,14 @@ fn bench_contended(c: &mut Criterion) {
                 .max_queued(CALLS)
                 .layer(service_fn(yielding))
         });
-        b.iter(|| {
-            runtime.block_on(async {
-                let mut tasks = tokio::task::JoinSet::new();
-                for i in 0..CALLS {
-                    let service = service.clone();
-                    let request = request(&body, Some(&models[i % 3]));
-                    tasks.spawn(async move {
-                        let response = service.oneshot(request).await.unwrap();
-                        response.into_body().collect().await.unwrap();
-                    });
-                }
-                while tasks.join_next().await.is_some() {}
-            })
-        })
+        b.iter(|| runtime.block_on(all_calls(&service, CALLS, &body, &models)))
     });
     group.bench_function(
         BenchmarkId::new("anchor/tower_concurrency_limit", "3_keys_x4"),
         |b| {
             // tower's limit cannot tell keys apart: one limit of 12 across all.
             let service = ConcurrencyLimit::new(service_fn(yielding), 12);
-            b.iter(|| {
-                runtime.block_on(async {
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for i in 0..CALLS {
-                        let service = service.clone();
-                        let request = request(&body, Some(&models[i % 3]));
-                        tasks.spawn(async move {
-                            let response = service.oneshot(request).await.unwrap();
-                            response.into_body().collect().await.unwrap();
-                        });
-                    }
-                    while tasks.join_next().await.is_some() {}
-                })
-            })
+            b.iter(|| runtime.block_on(all_calls(&service, CALLS, &body, &models)))
         },
     );
     group.finish();
