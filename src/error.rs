@@ -60,6 +60,11 @@ pub enum ErrorKind {
     /// The inner service failed before any response (connection refused or
     /// reset, a client-side timeout); see [`Error::source`](StdError::source).
     Transport,
+    /// No response head, or no body frame, arrived within the time allowed
+    /// (the retry policy's attempt or idle timeout). Before anything reached
+    /// the caller this is retried like a 504; a body that goes silent after
+    /// it was handed on ends with this error instead of hanging.
+    Timeout,
 }
 
 /// The crate's error: a kind plus the context of the call.
@@ -308,6 +313,7 @@ impl Error {
             (ErrorKind::BudgetExhausted, _) => "retry budget exhausted",
             (ErrorKind::BodyNotReplayable, None) => "request body cannot be replayed",
             (ErrorKind::ServerDelayTooLong, _) => "server asked to wait too long",
+            (ErrorKind::Timeout, None) => "timed out waiting for the upstream",
             (_, Some(class)) => class_headline(class),
             (ErrorKind::Transport, None) => "transport error",
             (_, None) => "request failed",
