@@ -80,6 +80,7 @@ struct Inner {
     class: Option<Class>,
     status: Option<StatusCode>,
     request_id: Option<RequestId>,
+    earlier_request_ids: Vec<RequestId>,
     model: Option<Model>,
     attempts: u32,
     elapsed: Duration,
@@ -103,6 +104,7 @@ impl Error {
                 class: None,
                 status: None,
                 request_id: None,
+                earlier_request_ids: Vec::new(),
                 model: None,
                 attempts: 0,
                 elapsed: Duration::ZERO,
@@ -145,6 +147,33 @@ impl Error {
     pub fn with_request_id(mut self, request_id: RequestId) -> Self {
         self.inner.request_id = Some(request_id);
         self
+    }
+
+    /// Sets the request ids of the attempts before the last one, oldest
+    /// first: what support needs to trace a whole retried call.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind, RequestId};
+    /// let id = |s: &'static str| RequestId::new(http::HeaderValue::from_static(s)).unwrap();
+    /// let error = Error::new(ErrorKind::DeadlineExceeded)
+    ///     .with_earlier_request_ids(vec![id("req_1"), id("req_2")])
+    ///     .with_request_id(id("req_3"));
+    /// assert_eq!(error.earlier_request_ids().len(), 2);
+    /// assert!(error.to_string().contains("request-id req_3 (earlier: req_1, req_2)"));
+    /// ```
+    pub fn with_earlier_request_ids(mut self, ids: Vec<RequestId>) -> Self {
+        self.inner.earlier_request_ids = ids;
+        self
+    }
+
+    /// The request ids of the attempts before the last one, oldest first.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert!(Error::new(ErrorKind::QueueFull).earlier_request_ids().is_empty());
+    /// ```
+    pub fn earlier_request_ids(&self) -> &[RequestId] {
+        &self.inner.earlier_request_ids
     }
 
     /// Sets the model the call was for.
@@ -420,6 +449,20 @@ impl fmt::Display for Error {
         if let Some(id) = &inner.request_id {
             write!(f, "; request-id {id}")?;
         }
+        if let Some((first, rest)) = inner.earlier_request_ids.split_first() {
+            let lead = if inner.request_id.is_some() {
+                " (earlier: "
+            } else {
+                "; request-ids of earlier attempts: "
+            };
+            write!(f, "{lead}{first}")?;
+            for id in rest {
+                write!(f, ", {id}")?;
+            }
+            if inner.request_id.is_some() {
+                f.write_str(")")?;
+            }
+        }
         if let Some(source) = &inner.source {
             write!(f, ": {source}")?;
         }
@@ -446,6 +489,9 @@ impl fmt::Debug for Error {
         }
         if let Some(id) = &inner.request_id {
             debug.field("request_id", id);
+        }
+        if !inner.earlier_request_ids.is_empty() {
+            debug.field("earlier_request_ids", &inner.earlier_request_ids);
         }
         debug
             .field("attempts", &inner.attempts)

@@ -40,6 +40,10 @@ pin_project! {
         state: State<S::Future, R>,
         service: S,
         call: Call<B>,
+        // The attempt timeout and the deadline share one timer, made the
+        // first time an attempt is not ready at once: a service that answers
+        // on its first poll never pays for it.
+        timer: Option<Pin<Box<Sleep>>>,
     }
 }
 
@@ -106,7 +110,19 @@ struct Call<B> {
     records: Vec<AttemptRecord>,
     waited: Duration,
     started: Instant,
+    /// When the call must end, attempt in flight included.
+    deadline_at: Option<Instant>,
+    /// When the attempt in flight was sent.
+    attempt_started: Instant,
     rng: Option<SmallRng>,
+}
+
+/// Which bound a call's timer reached.
+enum Expiry {
+    /// The whole call's deadline.
+    Deadline,
+    /// The attempt's wait for its response head.
+    Attempt,
 }
 
 /// Builds an attempt: the original head, this body, the attempt's number.
@@ -148,6 +164,9 @@ where
             },
             &policy,
         );
+        let deadline_at = policy
+            .deadline
+            .and_then(|deadline| started.checked_add(deadline));
         let future = service.call(first);
         Self {
             state: State::Called { future },
@@ -161,8 +180,11 @@ where
                 records: Vec::new(),
                 waited: Duration::ZERO,
                 started,
+                deadline_at,
+                attempt_started: started,
                 rng: None,
             },
+            timer: None,
         }
     }
 }
@@ -248,6 +270,101 @@ impl<B: ReplayableBody> Call<B> {
         model::extract(&body).map(|name| Model::new(name.as_ref()))
     }
 
+    /// A success pays the shared quota back as the AWS standard mode does:
+    /// what the retry that led to it cost, or one token for a first try.
+    /// Without this a quota drains for good after its first hundred retries.
+    fn refill_quota(&self) {
+        if let Some(Rationing::Quota(quota)) = &self.policy.rationing {
+            let retried_after = match self.records.as_slice() {
+                [.., before, _] => Some(before.class),
+                _ => None,
+            };
+            quota.on_success(retried_after);
+        }
+    }
+
+    /// The bound the timer should ring at now: the deadline, or for an
+    /// attempt in flight its own timeout if that comes first.
+    fn limit(&self, in_flight: bool) -> Option<(Instant, Expiry)> {
+        let attempt = in_flight
+            .then(|| {
+                let timeout = self.policy.attempt_timeout?;
+                self.attempt_started.checked_add(timeout)
+            })
+            .flatten();
+        match (self.deadline_at, attempt) {
+            (Some(deadline), Some(attempt)) if attempt < deadline => {
+                Some((attempt, Expiry::Attempt))
+            }
+            (Some(deadline), _) => Some((deadline, Expiry::Deadline)),
+            (None, Some(attempt)) => Some((attempt, Expiry::Attempt)),
+            (None, None) => None,
+        }
+    }
+
+    /// Polls the call's timer against [`limit`](Self::limit).
+    fn poll_timer(
+        &self,
+        timer: &mut Option<Pin<Box<Sleep>>>,
+        cx: &mut Context<'_>,
+        in_flight: bool,
+    ) -> Poll<Expiry> {
+        let Some((at, expiry)) = self.limit(in_flight) else {
+            return Poll::Pending;
+        };
+        let sleep = match timer {
+            Some(sleep) => {
+                if sleep.deadline() != at {
+                    sleep.as_mut().reset(at);
+                }
+                sleep
+            }
+            None => timer.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        ready!(sleep.as_mut().poll(cx));
+        Poll::Ready(expiry)
+    }
+
+    /// The attempt in flight got no response head in time: a timeout,
+    /// retried like a 504 since nothing reached the caller.
+    fn on_attempt_timeout<R: Body>(&mut self) -> Step<R> {
+        let verdict = Classification {
+            class: Class::Timeout,
+            retryable: true,
+            server_verdict: None,
+        };
+        self.record(Class::Timeout, None, None);
+        match self.decide(verdict, None) {
+            Decision::Retry(delay) => {
+                self.schedule(delay);
+                Step::Retry(delay)
+            }
+            Decision::Stop(stop) => {
+                let kind = match stop {
+                    StopReason::NotRetryable => ErrorKind::Timeout,
+                    other => other.error_kind(),
+                };
+                Step::Finish(Err(self.error(kind, Class::Timeout, stop)))
+            }
+        }
+    }
+
+    /// The call's deadline passed; an attempt in flight is cancelled and counted.
+    fn deadline_error(&mut self, in_flight: bool) -> Error {
+        if in_flight {
+            self.record(Class::Timeout, None, None);
+        }
+        let class = self
+            .records
+            .last()
+            .map_or(Class::Timeout, |last| last.class);
+        self.error(
+            ErrorKind::DeadlineExceeded,
+            class,
+            StopReason::DeadlineExceeded,
+        )
+    }
+
     fn error(&mut self, kind: ErrorKind, class: Class, stop: StopReason) -> Error {
         let mut error = Error::new(kind)
             .with_class(class)
@@ -259,13 +376,16 @@ impl<B: ReplayableBody> Call<B> {
         if let Some(model) = self.model() {
             error = error.with_model(model);
         }
-        if let Some(last) = self.records.last() {
-            if let Some(status) = last.status {
-                error = error.with_status(status);
-            }
-            if let Some(id) = &last.request_id {
-                error = error.with_request_id(id.clone());
-            }
+        if let Some(status) = self.records.last().and_then(|last| last.status) {
+            error = error.with_status(status);
+        }
+        let mut ids: Vec<_> = self
+            .records
+            .iter()
+            .filter_map(|record| record.request_id.clone())
+            .collect();
+        if let Some(last) = ids.pop() {
+            error = error.with_request_id(last).with_earlier_request_ids(ids);
         }
         error
     }
@@ -285,6 +405,7 @@ impl<B: ReplayableBody> Call<B> {
                 Some(parts.status),
                 headers::request_id(&parts.headers),
             );
+            self.refill_quota();
             return Step::Finish(Ok(self.finish_response(parts, body, StopReason::Success)));
         }
         let now = SystemTime::now();
@@ -417,8 +538,20 @@ where
         let mut this = self.project();
         loop {
             let step = match this.state.as_mut().project() {
-                StateProj::Called { future } => match ready!(future.poll(cx)) {
-                    Ok(response) => {
+                StateProj::Called { future } => match future.poll(cx) {
+                    Poll::Pending => match this.call.poll_timer(this.timer, cx, true) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Expiry::Deadline) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(this.call.deadline_error(true)));
+                        }
+                        Poll::Ready(Expiry::Attempt) => {
+                            // Dropping the attempt's future cancels it.
+                            this.state.set(State::Ready);
+                            this.call.on_attempt_timeout()
+                        }
+                    },
+                    Poll::Ready(Ok(response)) => {
                         let (parts, body) = response.into_parts();
                         let verdict = classify::classify(parts.status, &parts.headers, None);
                         let stream = worth_peeking(&parts, &verdict, this.call.policy.stream_guard);
@@ -439,7 +572,7 @@ where
                         }
                         this.call.on_response(parts, PeekedBody::new(body), verdict)
                     }
-                    Err(error) => this.call.on_error(error.into()),
+                    Poll::Ready(Err(error)) => this.call.on_error(error.into()),
                 },
                 StateProj::Sniffing {
                     parts,
@@ -527,7 +660,17 @@ where
                     continue;
                 }
                 StateProj::Ready => {
-                    if let Err(error) = ready!(this.service.poll_ready(cx)) {
+                    let ready = match this.service.poll_ready(cx) {
+                        Poll::Ready(ready) => ready,
+                        Poll::Pending => {
+                            if let Poll::Ready(_) = this.call.poll_timer(this.timer, cx, false) {
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(this.call.deadline_error(false)));
+                            }
+                            return Poll::Pending;
+                        }
+                    };
+                    if let Err(error) = ready {
                         this.state.set(State::Done);
                         let error = Error::new(ErrorKind::Transport)
                             .with_attempts(this.call.log.attempts)
@@ -539,6 +682,7 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Err(Error::new(ErrorKind::BodyNotReplayable)));
                     };
+                    this.call.attempt_started = Instant::now();
                     let future = this.service.call(request);
                     this.state.set(State::Called { future });
                     continue;

@@ -147,6 +147,9 @@ pub struct RetryPolicy {
     pub(crate) transport: ClassPolicy,
     pub(crate) max_attempts: u32,
     pub(crate) deadline: Option<Duration>,
+    pub(crate) retry_window: Option<Duration>,
+    pub(crate) attempt_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
     pub(crate) max_server_delay: Duration,
     pub(crate) rationing: Option<Rationing>,
     pub(crate) final_failure: FinalFailure,
@@ -204,6 +207,21 @@ impl SeedSource {
     }
 }
 
+/// The official SDKs' default timeout of a request. A non-streaming answer
+/// sends its head only once the whole message is generated, so a shorter
+/// wait for the head would kill long generations that would have succeeded.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Silence between two frames of a response body. A stream sends `ping`
+/// events every few seconds while the model thinks, and a non-streaming
+/// body follows its head at once, so two minutes of nothing is a dead
+/// connection, not a slow model.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A person waiting gets the official SDKs' bound on one call, so no
+/// generation the SDK would let finish is cut short by this preset.
+const FOREGROUND_DEADLINE: Duration = ATTEMPT_TIMEOUT;
+
 const fn backoff(base_ms: u64, cap_ms: u64, jitter: Jitter) -> Backoff {
     Backoff::new(
         Duration::from_millis(base_ms),
@@ -217,11 +235,21 @@ impl RetryPolicy {
     /// (base 1 s, cap 60 s); rate limits wait what the server says (up to 60 s,
     /// 3 attempts); server errors, timeouts, conflicts and connection failures
     /// get 3 attempts (equal jitter, 0.5 s to 8 s, as the official SDKs); at
-    /// most 6 attempts in all, and no retry is started after 60 s. Retries
-    /// are rationed by a [`RetryQuota`] shared by every clone (500 tokens, 5
-    /// a retry, 10 after a timeout, refilled by successes): about 100 retries
-    /// in a row, then, in a full outage, one attempt per call until calls
-    /// succeed again.
+    /// most 6 attempts in all, and no retry is started after 60 s (the
+    /// [retry window](Self::retry_window)).
+    ///
+    /// No call stays pending forever: an attempt without a response head
+    /// after 600 s (the official SDKs' timeout; a non-streaming answer sends
+    /// its head only when the whole message is generated) or a body silent
+    /// for 120 s between frames is a [`Class::Timeout`], and the whole call
+    /// ends at its [deadline](Self::deadline) of 600 s, the attempt in flight
+    /// included.
+    ///
+    /// Retries are rationed by a [`RetryQuota`] shared by every clone, as
+    /// the AWS SDKs' standard mode does: 500 tokens, 5 a retry, 10 after a
+    /// timeout; a success gives back what its retry cost, or 1 token on a
+    /// first try. In a full outage, about 100 retries, then one attempt per
+    /// call; as calls succeed again, retries come back with them.
     ///
     /// ```
     /// use tower_overload::retry::RetryPolicy;
@@ -238,7 +266,10 @@ impl RetryPolicy {
             conflict: quick,
             transport: quick,
             max_attempts: 6,
-            deadline: Some(Duration::from_secs(60)),
+            deadline: Some(FOREGROUND_DEADLINE),
+            retry_window: Some(Duration::from_secs(60)),
+            attempt_timeout: Some(ATTEMPT_TIMEOUT),
+            idle_timeout: Some(IDLE_TIMEOUT),
             max_server_delay: Duration::from_secs(60),
             rationing: Some(Rationing::Quota(RetryQuota::default())),
             final_failure: FinalFailure::Response,
@@ -254,14 +285,16 @@ impl RetryPolicy {
     /// 12 attempts with full jitter (base 30 s, cap 300 s); rate limits wait
     /// what the server says up to 300 s (8 attempts); other transient
     /// failures get 6 attempts (equal jitter, 5 s to 120 s); at most 16
-    /// attempts, and no retry is started after 30 minutes. Same quota as
-    /// [`foreground`](Self::foreground).
+    /// attempts; no retry is started after 30 minutes, and the call ends at
+    /// 40 minutes (room for a last attempt's long generation). Same attempt
+    /// and idle timeouts and the same quota as [`foreground`](Self::foreground).
     ///
     /// ```
     /// use std::time::Duration;
     /// use tower_overload::retry::RetryPolicy;
     /// let policy = RetryPolicy::background();
-    /// assert_eq!(policy.get_deadline(), Some(Duration::from_secs(30 * 60)));
+    /// assert_eq!(policy.get_retry_window(), Some(Duration::from_secs(30 * 60)));
+    /// assert_eq!(policy.get_deadline(), Some(Duration::from_secs(40 * 60)));
     /// ```
     pub fn background() -> Self {
         let patient = ClassPolicy::new(6, backoff(5_000, 120_000, Jitter::Equal));
@@ -273,7 +306,8 @@ impl RetryPolicy {
             conflict: patient,
             transport: patient,
             max_attempts: 16,
-            deadline: Some(Duration::from_secs(30 * 60)),
+            deadline: Some(Duration::from_secs(40 * 60)),
+            retry_window: Some(Duration::from_secs(30 * 60)),
             max_server_delay: Duration::from_secs(300),
             ..Self::foreground()
         }
@@ -368,9 +402,13 @@ impl RetryPolicy {
         self.max_attempts
     }
 
-    /// The total time budget of one call: no retry is scheduled whose wait
-    /// would end past it. An attempt in flight is not cut short; put a
-    /// `tower::timeout::TimeoutLayer` inside this layer for per-attempt limits.
+    /// The hard bound on one call, from the first attempt to the response
+    /// head: an attempt still in flight when it passes is cancelled and the
+    /// call ends with [`ErrorKind::DeadlineExceeded`](crate::ErrorKind::DeadlineExceeded),
+    /// naming the attempts and their request ids; no retry is scheduled whose
+    /// wait would end past it. A body already handed to the caller is not cut
+    /// (the [idle timeout](Self::idle_timeout) bounds its silences). `None`:
+    /// no bound but the per-attempt timeouts.
     ///
     /// ```
     /// # use tower_overload::retry::RetryPolicy;
@@ -381,15 +419,101 @@ impl RetryPolicy {
         self
     }
 
-    /// The total time budget of one call.
+    /// The hard bound on one call.
     ///
     /// ```
     /// # use std::time::Duration;
     /// # use tower_overload::retry::RetryPolicy;
-    /// assert_eq!(RetryPolicy::foreground().get_deadline(), Some(Duration::from_secs(60)));
+    /// assert_eq!(RetryPolicy::foreground().get_deadline(), Some(Duration::from_secs(600)));
     /// ```
     pub fn get_deadline(&self) -> Option<Duration> {
         self.deadline
+    }
+
+    /// How long after the call started a retry may still be started: no
+    /// retry is scheduled whose wait would end past it, and a server delay
+    /// beyond it ends the call with
+    /// [`ErrorKind::ServerDelayTooLong`](crate::ErrorKind::ServerDelayTooLong).
+    /// The attempt in flight is not cut by it (that is the
+    /// [deadline](Self::deadline)). `None`: only the deadline limits retries.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::retry::RetryPolicy;
+    /// let policy = RetryPolicy::foreground().retry_window(Some(Duration::from_secs(20)));
+    /// assert_eq!(policy.get_retry_window(), Some(Duration::from_secs(20)));
+    /// ```
+    pub fn retry_window(mut self, window: Option<Duration>) -> Self {
+        self.retry_window = window;
+        self
+    }
+
+    /// How long after the call started a retry may still be started.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::retry::RetryPolicy;
+    /// assert_eq!(RetryPolicy::foreground().get_retry_window(), Some(Duration::from_secs(60)));
+    /// ```
+    pub fn get_retry_window(&self) -> Option<Duration> {
+        self.retry_window
+    }
+
+    /// The longest wait for one attempt's response head. When it passes the
+    /// attempt is dropped, counted as a [`Class::Timeout`] and retried as the
+    /// timeout settings allow (nothing has reached the caller yet). Presets:
+    /// 600 s, the official SDKs' timeout, because a non-streaming answer
+    /// sends its head only when the whole message is generated.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::retry::RetryPolicy;
+    /// let policy = RetryPolicy::foreground().attempt_timeout(Some(Duration::from_secs(120)));
+    /// assert_eq!(policy.get_attempt_timeout(), Some(Duration::from_secs(120)));
+    /// ```
+    pub fn attempt_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// The longest wait for one attempt's response head.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::retry::RetryPolicy;
+    /// assert_eq!(RetryPolicy::background().get_attempt_timeout(), Some(Duration::from_secs(600)));
+    /// ```
+    pub fn get_attempt_timeout(&self) -> Option<Duration> {
+        self.attempt_timeout
+    }
+
+    /// The longest silence between two frames of a response body. While
+    /// the layer itself reads the body (to classify an error, or the stream
+    /// guard's peek) a silence this long is a [`Class::Timeout`] and is
+    /// retried; once the body is the caller's, it ends the body with
+    /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) instead of hanging.
+    /// Presets: 120 s (streams send `ping` events every few seconds).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::retry::RetryPolicy;
+    /// let policy = RetryPolicy::foreground().idle_timeout(Some(Duration::from_secs(30)));
+    /// assert_eq!(policy.get_idle_timeout(), Some(Duration::from_secs(30)));
+    /// ```
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// The longest silence between two frames of a response body.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::retry::RetryPolicy;
+    /// assert_eq!(RetryPolicy::foreground().get_idle_timeout(), Some(Duration::from_secs(120)));
+    /// ```
+    pub fn get_idle_timeout(&self) -> Option<Duration> {
+        self.idle_timeout
     }
 
     /// The longest server-requested delay that is waited. A longer one ends
@@ -585,8 +709,8 @@ impl RetryPolicy {
         let delay = outcome
             .server_delay
             .map_or(computed, |server| server.max(computed));
-        if let Some(deadline) = self.deadline {
-            let remaining = deadline.saturating_sub(outcome.elapsed);
+        if let Some(window) = self.retry_limit() {
+            let remaining = window.saturating_sub(outcome.elapsed);
             if let Some(server) = outcome.server_delay
                 && server > remaining
             {
@@ -605,6 +729,15 @@ impl RetryPolicy {
             return Decision::Stop(StopReason::BudgetExhausted);
         }
         Decision::Retry(delay)
+    }
+
+    /// The time after the call's start past which no retry may be started:
+    /// the retry window, or the deadline if that is sooner.
+    fn retry_limit(&self) -> Option<Duration> {
+        match (self.retry_window, self.deadline) {
+            (Some(window), Some(deadline)) => Some(window.min(deadline)),
+            (window, deadline) => window.or(deadline),
+        }
     }
 
     /// A generator for one call's jitter (see [`seed`](Self::seed)).
@@ -630,6 +763,9 @@ impl fmt::Debug for RetryPolicy {
             .field("transport", &self.transport)
             .field("max_attempts", &self.max_attempts)
             .field("deadline", &self.deadline)
+            .field("retry_window", &self.retry_window)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("idle_timeout", &self.idle_timeout)
             .field("max_server_delay", &self.max_server_delay)
             .field("rationing", &self.rationing)
             .field("final_failure", &self.final_failure)
