@@ -1,6 +1,7 @@
 //! The official Python SDK through the gateway example, when `.ci/run` has
 //! installed it: `SDK_PYTHON` names a Python with the `anthropic` package.
-//! Without it, the test says so and checks nothing else.
+//! Without it, the test fails when `CI` is set, and elsewhere says it was
+//! skipped.
 
 mod support;
 
@@ -29,7 +30,14 @@ fn full_stream() -> Reply {
 #[tokio::test]
 async fn the_official_python_sdk_through_the_gateway() {
     let Some(python) = std::env::var_os("SDK_PYTHON") else {
-        eprintln!("SDK_PYTHON is not set: the Python SDK check did not run (.ci/run sets it)");
+        // In CI a missing SDK is a failure, never a silent pass.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but SDK_PYTHON is not: .ci/run could not install the anthropic Python SDK"
+        );
+        eprintln!(
+            "SKIPPED: SDK_PYTHON is not set, the Python SDK check did not run (.ci/run sets it)"
+        );
         return;
     };
     let mock = MockUpstream::start().await;
