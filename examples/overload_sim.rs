@@ -60,6 +60,10 @@ pub struct Scenario {
     pub deadline: Duration,
     /// Organisation quota: requests per second across models.
     pub quota_per_sec: f64,
+    /// From this time on, each attempt on the primary fails with a 529 at
+    /// this probability: the faults a long-running process meets after an
+    /// outage, which its retries must still rescue.
+    pub intermittent: Option<(Duration, f64)>,
     pub seed: u64,
 }
 
@@ -72,7 +76,23 @@ impl Scenario {
             outage: (Duration::from_secs(120), Duration::from_secs(240)),
             deadline: Duration::from_secs(60),
             quota_per_sec: 40.0,
+            intermittent: None,
             seed: 2026,
+        }
+    }
+
+    /// The long horizon: 2 calls/s for 70 minutes, the primary fully down
+    /// from 10:00 to 40:00, then healthy, then from 50:00 one attempt in
+    /// three overloaded at random. Retries must come back after the outage.
+    pub fn long_horizon() -> Self {
+        Self {
+            calls_per_sec: 2.0,
+            length: Duration::from_secs(70 * 60),
+            outage: (Duration::from_secs(10 * 60), Duration::from_secs(40 * 60)),
+            deadline: Duration::from_secs(60),
+            quota_per_sec: 40.0,
+            intermittent: Some((Duration::from_secs(50 * 60), 1.0 / 3.0)),
+            seed: 2027,
         }
     }
 
@@ -166,6 +186,15 @@ impl Service<Request<Full<Bytes>>> for Upstream {
             };
             let (from, to) = state.scenario.outage;
             if model == PRIMARY && elapsed >= from && elapsed < to {
+                record(529);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return Ok(reply(529, "overloaded_error", None));
+            }
+            if let Some((from, p)) = state.scenario.intermittent
+                && model == PRIMARY
+                && elapsed >= from
+                && state.rng.lock().unwrap().random_bool(p)
+            {
                 record(529);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 return Ok(reply(529, "overloaded_error", None));
@@ -462,6 +491,10 @@ pub struct StrategyResult {
     pub p99: Duration,
     /// Seconds after the outage until goodput is back to 90% of its level before it.
     pub recovery: Option<f64>,
+    /// Of the calls arriving in the intermittent phase (if any): the share
+    /// that succeeded, and upstream attempts per call.
+    pub late_success: f64,
+    pub late_amplification: f64,
     /// Upstream attempts and successes per 10 s, for the plot.
     pub load: Vec<f64>,
     pub goodput: Vec<f64>,
@@ -566,7 +599,21 @@ async fn run_one(
         .find(|&b| goodput[b] >= 0.9 * baseline)
         .map(|b| (b as f64 * 10.0 - to).max(0.0));
     let successes = outcomes.iter().filter(|(_, _, ok)| *ok).count();
+    let late_from = scenario
+        .intermittent
+        .map_or(f64::INFINITY, |(from, _)| from.as_secs_f64());
+    let late_calls = outcomes
+        .iter()
+        .filter(|(at, _, _)| at.as_secs_f64() >= late_from)
+        .count();
+    let late_successes = outcomes
+        .iter()
+        .filter(|(at, _, ok)| *ok && at.as_secs_f64() >= late_from)
+        .count();
+    let late_attempts = attempts.iter().filter(|(at, _)| *at >= late_from).count();
     StrategyResult {
+        late_success: late_successes as f64 / late_calls.max(1) as f64,
+        late_amplification: late_attempts as f64 / late_calls.max(1) as f64,
         name,
         calls: outcomes.len(),
         successes,
@@ -599,6 +646,25 @@ pub fn table(results: &[StrategyResult]) -> String {
             r.p99.as_secs_f64(),
             r.recovery
                 .map_or("never".to_owned(), |s| format!("{s:.0} s")),
+        );
+    }
+    out
+}
+
+/// The long-horizon table: what each strategy does in the outage and,
+/// twenty minutes later, with intermittent faults.
+pub fn long_table(results: &[StrategyResult]) -> String {
+    let mut out = format!(
+        "{:<30} {:>10} {:>14} {:>14}\n",
+        "strategy", "in outage", "after: success", "after: attempts"
+    );
+    for r in results {
+        out += &format!(
+            "{:<30} {:>9.2}x {:>13.1}% {:>14.2}x\n",
+            r.name,
+            r.outage_amplification,
+            100.0 * r.late_success,
+            r.late_amplification,
         );
     }
     out
@@ -743,6 +809,16 @@ fn main() {
         Ok(()) => println!("\nplot: {}", path.display()),
         Err(error) => println!("\ncould not write the plot: {error}"),
     }
+    let long = Scenario::long_horizon();
+    println!(
+        "\nlong horizon: {} calls/s for {} min, {PRIMARY} fully down from {} to {} min, then 1 attempt in 3 overloaded from {} min\n",
+        long.calls_per_sec,
+        long.length.as_secs() / 60,
+        long.outage.0.as_secs() / 60,
+        long.outage.1.as_secs() / 60,
+        long.intermittent.map_or(0, |(from, _)| from.as_secs() / 60),
+    );
+    print!("{}", long_table(&runtime.block_on(run(&long))));
     println!("\ncontention on one resource, 100 clients (the AWS backoff paper's experiment):");
     println!("{:<14} {:>8} {:>12}", "jitter", "work", "completion");
     for (jitter, work, ms) in contention(100, 7) {

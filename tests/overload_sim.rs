@@ -3,7 +3,7 @@
 #[path = "../examples/overload_sim.rs"]
 mod overload_sim;
 
-use overload_sim::{Scenario, contention, run, table};
+use overload_sim::{Scenario, contention, long_table, run, table};
 use tower_overload::backoff::Jitter;
 
 #[tokio::test(start_paused = true)]
@@ -34,6 +34,28 @@ async fn the_stack_beats_the_usual_retry_code_in_the_reference_storm() {
     // The usual code makes the storm worse; ours does not.
     assert!(by_name("immediate retry x5").outage_amplification > 4.0);
     assert!(by_name("official SDK policy").outage_amplification > 2.0);
+}
+
+/// Defect 1 of issue 13, at the scale of the simulator: after a 30-minute
+/// outage has drained the quota, the presets' retries come back with the
+/// successes and rescue intermittent 529s as they did before it.
+#[tokio::test(start_paused = true)]
+async fn retries_come_back_after_a_long_outage() {
+    let results = run(&Scenario::long_horizon()).await;
+    println!("{}", long_table(&results));
+    let by_name = |name: &str| results.iter().find(|r| r.name == name).expect(name);
+    let preset = by_name("OverloadRetryLayer foreground");
+    assert!(preset.outage_amplification <= 1.1, "{preset:?}");
+    assert!(preset.late_success >= 0.97, "{:.3}", preset.late_success);
+    assert!(
+        preset.late_amplification >= 1.2,
+        "{:.3}",
+        preset.late_amplification
+    );
+    let none = by_name("no retry");
+    assert!(none.late_success < 0.75, "{:.3}", none.late_success);
+    let stack = by_name("full stack");
+    assert!(stack.late_success >= 0.97, "{:.3}", stack.late_success);
 }
 
 #[test]
