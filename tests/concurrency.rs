@@ -427,7 +427,11 @@ async fn defect_4_a_hundred_thousand_names_keep_the_table_bounded() {
     let snapshot = snapshot_of_layer(&layer, OPUS);
     assert_eq!((snapshot.limit, snapshot.in_flight), (2, 1));
     drop(opus);
-    let fresh = service.clone().oneshot(request("late-model")).await.unwrap();
+    let fresh = service
+        .clone()
+        .oneshot(request("late-model"))
+        .await
+        .unwrap();
     assert_eq!(snapshot_of_layer(&layer, "late-model").in_flight, 1);
     drop(fresh);
     assert!(layer.snapshot().len() <= bound);
@@ -475,7 +479,12 @@ async fn defect_4_unknown_names_cannot_block_a_configured_model() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let snapshot = snapshot_of(&layer, OPUS);
     assert_eq!(
-        (snapshot.limit, snapshot.in_flight, snapshot.queued, snapshot.rejected),
+        (
+            snapshot.limit,
+            snapshot.in_flight,
+            snapshot.queued,
+            snapshot.rejected
+        ),
         (2, 2, 2, 0)
     );
     while let Some(done) = opus.join_next().await {
@@ -544,7 +553,11 @@ async fn defect_4_cancelled_waiters_leave_no_stale_entry() {
             .oneshot(messages_request(&mock, name))
             .await
             .unwrap();
-        assert_eq!(snapshot_of(&layer, name).in_flight, 1, "{name} has its own key");
+        assert_eq!(
+            snapshot_of(&layer, name).in_flight,
+            1,
+            "{name} has its own key"
+        );
         drop(response);
     }
     let keys: Vec<String> = layer
