@@ -353,3 +353,131 @@ pub struct KeySnapshot {
     /// Calls whose wait for a permit timed out.
     pub timed_out: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_keys: usize, overrides: &[(&str, usize)]) -> Limits {
+        Limits::new(Config {
+            default_limit: 4,
+            overrides: overrides
+                .iter()
+                .map(|(name, limit)| (Model::new(*name), *limit))
+                .collect(),
+            global_limit: None,
+            max_queued: 8,
+            queue_timeout: None,
+            adaptive: None,
+            default_key: Model::new("<default>"),
+            max_keys,
+        })
+    }
+
+    fn key(limits: &Limits, name: &str) -> Arc<KeyState> {
+        limits.key(Some(Model::new(name)))
+    }
+
+    fn names(limits: &Limits) -> Vec<String> {
+        limits
+            .snapshot()
+            .iter()
+            .map(|s| s.key.as_str().to_owned())
+            .collect()
+    }
+
+    // Defect 4: configured keys and the default key neither count against
+    // `max_keys` nor can be evicted, even with no slot for unknown keys at all.
+    #[test]
+    fn configured_keys_are_outside_the_bound() {
+        let limits = limits(0, &[("opus", 2)]);
+        assert_eq!(key(&limits, "unknown").key.as_str(), OVERFLOW_KEY);
+        let opus = key(&limits, "opus");
+        assert_eq!((opus.key.as_str(), opus.snapshot().limit), ("opus", 2));
+        drop(opus);
+        let default = limits.key(None);
+        assert_eq!(default.key.as_str(), "<default>");
+        drop(default);
+        for i in 0..100 {
+            assert_eq!(key(&limits, &format!("m{i}")).key.as_str(), OVERFLOW_KEY);
+        }
+        assert_eq!(names(&limits), ["<default>", "opus"]);
+    }
+
+    // Defect 4: the least recently used idle key is the one replaced.
+    #[test]
+    fn the_least_recently_used_idle_key_is_replaced() {
+        let limits = limits(3, &[("opus", 2)]);
+        for name in ["a", "b", "c", "opus"] {
+            key(&limits, name);
+        }
+        key(&limits, "a");
+        key(&limits, "d");
+        assert_eq!(names(&limits), ["a", "c", "d", "opus"], "b was oldest");
+        key(&limits, "c");
+        key(&limits, "e");
+        assert_eq!(names(&limits), ["c", "d", "e", "opus"], "then a");
+    }
+
+    // Defect 4: a key something holds (a permit, a waiter) is never evicted;
+    // with every slot held, new keys share the overflow bucket.
+    #[test]
+    fn a_held_key_is_never_evicted() {
+        let limits = limits(2, &[]);
+        let a = key(&limits, "a");
+        let b = key(&limits, "b");
+        let c = key(&limits, "c");
+        assert_eq!(c.key.as_str(), OVERFLOW_KEY);
+        assert_eq!(names(&limits), ["a", "b"]);
+        assert!(Arc::ptr_eq(&a, &key(&limits, "a")), "still the same state");
+        drop(b);
+        assert_eq!(key(&limits, "d").key.as_str(), "d");
+        assert_eq!(names(&limits), ["a", "d"]);
+        drop(a);
+    }
+
+    // Defect 4: long names and the bucket's own name cannot take a slot.
+    #[test]
+    fn long_names_and_the_overflow_name_share_the_overflow_bucket() {
+        let long = "m".repeat(MAX_KEY_LEN + 1);
+        let limits = limits(8, &[(long.as_str(), 3)]);
+        assert_eq!(
+            key(&limits, &"x".repeat(MAX_KEY_LEN + 1)).key.as_str(),
+            OVERFLOW_KEY
+        );
+        assert_eq!(key(&limits, OVERFLOW_KEY).snapshot().limit, 4);
+        assert_eq!(
+            key(&limits, &"x".repeat(MAX_KEY_LEN)).key.as_str().len(),
+            MAX_KEY_LEN
+        );
+        assert_eq!(
+            key(&limits, &long).snapshot().limit,
+            3,
+            "configured: any length"
+        );
+        assert_eq!(limits.snapshot().len(), 2);
+    }
+
+    // Defect 4: a flood of distinct names keeps the table at its bound.
+    #[test]
+    fn a_flood_keeps_the_table_at_its_bound() {
+        let limits = limits(16, &[("opus", 2), ("sonnet", 3)]);
+        let opus = key(&limits, "opus");
+        let mut held = Vec::new();
+        for i in 0..20_000 {
+            let state = key(&limits, &format!("m{i}"));
+            if i % 101 == 0 && held.len() < 10 {
+                held.push(state);
+            }
+            assert!(read(&limits.keys).map.len() <= 16 + 2 + 1);
+        }
+        assert_eq!(read(&limits.keys).unknown, 16);
+        assert!(Arc::ptr_eq(&opus, &key(&limits, "opus")));
+        for state in &held {
+            assert!(
+                Arc::ptr_eq(state, &key(&limits, state.key.as_str())),
+                "held keys stay"
+            );
+        }
+    }
+}
