@@ -295,3 +295,275 @@ async fn a_flood_of_model_names_cannot_grow_the_table() {
     let snapshot = layer.snapshot();
     assert!(snapshot.len() <= 5, "{snapshot:?}");
 }
+
+// ===== defect 4: configured models keep their key; unknown names are bounded =====
+
+const OPUS: &str = "claude-opus-4-6";
+
+/// `count` distinct invented model names from a seeded xorshift: a client
+/// making names up, reproducibly.
+fn invented_names(count: usize, seed: u64) -> Vec<String> {
+    let mut state = seed.max(1);
+    (0..count)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            format!("invented-{i}-{state:016x}")
+        })
+        .collect()
+}
+
+async fn call_and_read(
+    service: impl Service<Request<Full<Bytes>>, Response = Response, Error = tower_overload::BoxError>,
+    request: Request<Full<Bytes>>,
+) -> Result<(), tower_overload::BoxError> {
+    let response = service.oneshot(request).await?;
+    response.into_body().collect().await?;
+    Ok(())
+}
+
+/// Defect 4 (a): a hundred invented names held open first, then opus: opus
+/// still has its own key and is capped at exactly its configured 2.
+#[tokio::test(start_paused = true)]
+async fn defect_4_invented_names_held_open_do_not_take_the_configured_key() {
+    let mock = MockUpstream::start().await;
+    mock.set_latency(Duration::from_secs(100));
+    let layer = ConcurrencyPerModelLayer::new(16)
+        .limit_for(OPUS, 2)
+        .queue_timeout(None);
+    let service = limited(&layer);
+    let mut invented = tokio::task::JoinSet::new();
+    for name in invented_names(100, 4) {
+        let request = messages_request(&mock, &name);
+        invented.spawn(call_and_read(service.clone(), request));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(mock.request_count(), 64 + 16, "64 own keys, 16 in overflow");
+
+    let mut opus = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let request = messages_request(&mock, OPUS);
+        opus.spawn(call_and_read(service.clone(), request));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let snapshot = snapshot_of(&layer, OPUS);
+    assert_eq!(
+        (snapshot.limit, snapshot.in_flight, snapshot.queued),
+        (2, 2, 8)
+    );
+    while let Some(done) = opus.join_next().await {
+        done.unwrap().unwrap();
+    }
+    assert_eq!(mock.peak_in_flight(OPUS), 2);
+    while let Some(done) = invented.join_next().await {
+        done.unwrap().unwrap();
+    }
+}
+
+/// Defect 4 (a): the same with the invented calls completed first.
+#[tokio::test(start_paused = true)]
+async fn defect_4_invented_names_completed_do_not_take_the_configured_key() {
+    let mock = MockUpstream::start().await;
+    let layer = ConcurrencyPerModelLayer::new(16).limit_for(OPUS, 2);
+    let service = limited(&layer);
+    for name in invented_names(100, 5) {
+        call_and_read(service.clone(), messages_request(&mock, &name))
+            .await
+            .unwrap();
+    }
+    mock.set_latency(Duration::from_secs(1));
+    let mut opus = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let request = messages_request(&mock, OPUS);
+        opus.spawn(call_and_read(service.clone(), request));
+    }
+    while let Some(done) = opus.join_next().await {
+        done.unwrap().unwrap();
+    }
+    assert_eq!(mock.peak_in_flight(OPUS), 2);
+    assert_eq!(snapshot_of(&layer, OPUS).limit, 2);
+    assert!(layer.snapshot().len() <= 64 + 1, "{:?}", layer.snapshot());
+}
+
+/// Defect 4 (b): 100,000 distinct names through the layer: the table stays
+/// within its documented bound (`max_keys` unknown keys, the configured ones,
+/// the default key and `<overflow>`), nothing panics, the configured model
+/// keeps its key, and a new name still gets a key of its own once the
+/// invented ones are idle.
+#[tokio::test(start_paused = true)]
+async fn defect_4_a_hundred_thousand_names_keep_the_table_bounded() {
+    let layer = ConcurrencyPerModelLayer::new(4)
+        .limit_for(OPUS, 2)
+        .max_queued(0);
+    let service = layer.layer(tower::service_fn(|_: Request<Full<Bytes>>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+    }));
+    let request = |name: &str| {
+        Request::new(Full::new(Bytes::from(format!(
+            r#"{{"model":"{name}","max_tokens":1}}"#
+        ))))
+    };
+    let bound = 64 + 1 + 1 + 1;
+    // Some calls stay open (their bodies unread) so that slots are busy too.
+    let mut held = std::collections::VecDeque::new();
+    let opus = service.clone().oneshot(request(OPUS)).await.unwrap();
+    for (i, name) in invented_names(100_000, 6).iter().enumerate() {
+        match service.clone().oneshot(request(name)).await {
+            Ok(response) if i % 7 == 0 => held.push_back(response),
+            Ok(_) => {}
+            // Only the overflow bucket, when every slot is busy, refuses.
+            Err(error) => assert_eq!(kind(&error), ErrorKind::QueueFull),
+        }
+        if held.len() > 80 {
+            held.pop_front();
+        }
+        if i % 1000 == 0 {
+            let snapshot = layer.snapshot();
+            assert!(snapshot.len() <= bound, "{i}: {} keys", snapshot.len());
+        }
+    }
+    held.clear();
+    let snapshot = snapshot_of_layer(&layer, OPUS);
+    assert_eq!((snapshot.limit, snapshot.in_flight), (2, 1));
+    drop(opus);
+    let fresh = service
+        .clone()
+        .oneshot(request("late-model"))
+        .await
+        .unwrap();
+    assert_eq!(snapshot_of_layer(&layer, "late-model").in_flight, 1);
+    drop(fresh);
+    assert!(layer.snapshot().len() <= bound);
+}
+
+fn snapshot_of_layer<K>(layer: &ConcurrencyPerModelLayer<K>, key: &str) -> KeySnapshot {
+    layer
+        .snapshot()
+        .into_iter()
+        .find(|s| s.key.as_str() == key)
+        .unwrap_or_else(|| panic!("no key {key} in {:?}", layer.snapshot()))
+}
+
+/// Defect 4 (c): unknown names that fill every slot and the overflow queue
+/// cannot block a configured model: its limit and queue are its own.
+#[tokio::test(start_paused = true)]
+async fn defect_4_unknown_names_cannot_block_a_configured_model() {
+    let mock = MockUpstream::start().await;
+    mock.set_latency(Duration::from_secs(100));
+    let layer = ConcurrencyPerModelLayer::new(1)
+        .limit_for(OPUS, 2)
+        .max_keys(4)
+        .max_queued(2)
+        .queue_timeout(Some(Duration::from_secs(300)));
+    let service = limited(&layer);
+    let mut invented = tokio::task::JoinSet::new();
+    for name in invented_names(50, 7) {
+        let request = messages_request(&mock, &name);
+        invented.spawn(call_and_read(service.clone(), request));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let overflow = snapshot_of(&layer, "<overflow>");
+    assert_eq!(
+        (overflow.in_flight, overflow.queued, overflow.rejected),
+        (1, 2, 43),
+        "4 own keys, then one overflow bucket with the default limit"
+    );
+
+    let start = tokio::time::Instant::now();
+    let mut opus = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let request = messages_request(&mock, OPUS);
+        opus.spawn(call_and_read(service.clone(), request));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let snapshot = snapshot_of(&layer, OPUS);
+    assert_eq!(
+        (
+            snapshot.limit,
+            snapshot.in_flight,
+            snapshot.queued,
+            snapshot.rejected
+        ),
+        (2, 2, 2, 0)
+    );
+    while let Some(done) = opus.join_next().await {
+        done.unwrap().unwrap();
+    }
+    assert_eq!(start.elapsed(), Duration::from_secs(200), "two rounds of 2");
+    assert_eq!(mock.peak_in_flight(OPUS), 2);
+    let mut refused = 0;
+    while let Some(done) = invented.join_next().await {
+        if let Err(error) = done.unwrap() {
+            assert_eq!(kind(&error), ErrorKind::QueueFull);
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 43);
+}
+
+/// Defect 4 (d): a waiter dropped while queued, and one whose wait timed
+/// out, leave no stale entry: once the calls end, their keys are evicted for
+/// new names; a key with a call in flight is never evicted.
+#[tokio::test(start_paused = true)]
+async fn defect_4_cancelled_waiters_leave_no_stale_entry() {
+    let mock = MockUpstream::start().await;
+    let layer = ConcurrencyPerModelLayer::new(1)
+        .max_keys(2)
+        .queue_timeout(Some(Duration::from_secs(5)));
+    let service = limited(&layer);
+    let a = service
+        .clone()
+        .oneshot(messages_request(&mock, "a"))
+        .await
+        .unwrap();
+    let b = service
+        .clone()
+        .oneshot(messages_request(&mock, "b"))
+        .await
+        .unwrap();
+
+    let mut dropped = Box::pin(service.clone().oneshot(messages_request(&mock, "a")));
+    assert!(futures::poll!(dropped.as_mut()).is_pending());
+    assert_eq!(snapshot_of(&layer, "a").queued, 1);
+    drop(dropped);
+    let error = service
+        .clone()
+        .oneshot(messages_request(&mock, "b"))
+        .await
+        .unwrap_err();
+    assert_eq!(kind(&error), ErrorKind::QueueTimeout);
+
+    // Both slots busy: a third name shares the overflow bucket, and the busy keys stay.
+    let c = service
+        .clone()
+        .oneshot(messages_request(&mock, "c"))
+        .await
+        .unwrap();
+    assert_eq!(snapshot_of(&layer, "<overflow>").in_flight, 1);
+    assert_eq!(snapshot_of(&layer, "a").in_flight, 1);
+    assert_eq!(snapshot_of(&layer, "b").in_flight, 1);
+    drop(c);
+
+    drop(a);
+    drop(b);
+    for name in ["d", "e"] {
+        let response = service
+            .clone()
+            .oneshot(messages_request(&mock, name))
+            .await
+            .unwrap();
+        assert_eq!(
+            snapshot_of(&layer, name).in_flight,
+            1,
+            "{name} has its own key"
+        );
+        drop(response);
+    }
+    let keys: Vec<String> = layer
+        .snapshot()
+        .iter()
+        .map(|s| s.key.as_str().to_owned())
+        .collect();
+    assert_eq!(keys, ["d", "e"]);
+}

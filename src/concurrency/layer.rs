@@ -131,12 +131,23 @@ impl<K> ConcurrencyPerModelLayer<K> {
         self.configure(|config| config.default_key = key)
     }
 
-    /// The most distinct keys tracked (default 64); later keys share one
-    /// `<overflow>` bucket with the default limit.
+    /// The most keys tracked at once besides the configured ones (default
+    /// 64): the bound on memory that model names chosen by clients can use.
+    ///
+    /// Models given a [`limit_for`](Self::limit_for), and the default key,
+    /// always keep a key of their own and do not count. Other keys take one
+    /// of `max_keys` slots; when all are taken, a new key replaces the least
+    /// recently used one that has nothing in flight or queued (its counters
+    /// and adaptive limit start again from the default). Only while every
+    /// slot is busy, and for keys longer than 256 bytes, do calls share one
+    /// `<overflow>` bucket with the default limit. So the table holds at most
+    /// `max_keys` + the configured keys + 1 default key + `<overflow>`.
     ///
     /// ```
     /// # use tower_overload::concurrency::ConcurrencyPerModelLayer;
-    /// let layer = ConcurrencyPerModelLayer::new(16).max_keys(16);
+    /// let layer = ConcurrencyPerModelLayer::new(16)
+    ///     .limit_for("claude-opus-4-6", 4)
+    ///     .max_keys(16);
     /// ```
     pub fn max_keys(self, max: usize) -> Self {
         self.configure(|config| config.max_keys = max)

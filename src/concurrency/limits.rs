@@ -23,16 +23,63 @@ pub(crate) struct Config {
     pub(crate) max_keys: usize,
 }
 
-/// Name of the bucket that keys past `max_keys` share.
+/// Name of the bucket that unknown keys share when every slot is busy.
 pub(crate) const OVERFLOW_KEY: &str = "<overflow>";
 
+/// The longest unknown key, in bytes, given a slot of its own: real model
+/// names are far shorter, and this bounds what one slot can hold.
+pub(crate) const MAX_KEY_LEN: usize = 256;
+
 /// Every key's state, created lazily and bounded in number.
+///
+/// Configured keys (those given a `limit_for`, and the default key) always
+/// get and keep a state of their own and never count against `max_keys`.
+/// Other keys get one of `max_keys` slots; when all are taken, a new key
+/// takes the slot of the least recently used one that is idle (nothing in
+/// flight, nothing queued), and shares the overflow bucket only while every
+/// slot is busy. So the table holds at most `overrides + 1 + max_keys`
+/// states plus the overflow bucket, each with a name of at most
+/// [`MAX_KEY_LEN`] bytes for unknown keys.
 #[derive(Debug)]
 pub(crate) struct Limits {
     pub(crate) config: Config,
-    keys: RwLock<HashMap<Model, Arc<KeyState>>>,
+    keys: RwLock<Table>,
     overflow: Arc<KeyState>,
+    /// Advanced by every miss; a hit stamps its key with it, so the idle key
+    /// with the oldest stamp is (roughly) the least recently used, without a
+    /// shared counter written on the hot path.
+    epoch: AtomicU64,
     pub(crate) global: Option<Arc<Semaphore>>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    map: HashMap<Model, Arc<KeyState>>,
+    /// How many entries of `map` are unknown keys (the ones `max_keys` bounds).
+    unknown: usize,
+}
+
+impl Table {
+    /// Drops the least recently used unknown key that nobody holds.
+    ///
+    /// Every permit, waiter and queue slot holds an `Arc` of its key, and new
+    /// holders only clone it from the table under a lock, so a strong count
+    /// of 1 seen under the write lock means idle now and until the lock is
+    /// released: an entry a permit points at is never evicted.
+    fn evict_idle(&mut self) -> bool {
+        let victim = self
+            .map
+            .iter()
+            .filter(|(_, state)| !state.configured && Arc::strong_count(state) == 1)
+            .min_by_key(|(_, state)| state.last_used.load(Ordering::Relaxed))
+            .map(|(key, _)| key.clone());
+        let Some(victim) = victim else {
+            return false;
+        };
+        self.map.remove(&victim);
+        self.unknown -= 1;
+        true
+    }
 }
 
 impl Limits {
@@ -41,51 +88,74 @@ impl Limits {
             Model::new(OVERFLOW_KEY),
             config.default_limit,
             config.adaptive.as_ref(),
+            false,
+            0,
         ));
         let global = config
             .global_limit
             .map(|n| Arc::new(Semaphore::new(n.max(1))));
         Self {
             config,
-            keys: RwLock::new(HashMap::new()),
+            keys: RwLock::new(Table::default()),
             overflow,
+            epoch: AtomicU64::new(0),
             global,
         }
     }
 
-    /// The state of `key`, created on first use; past `max_keys` distinct
-    /// keys, new ones share the overflow bucket, so a hostile or buggy model
-    /// string cannot grow the table without bound.
+    /// The state of `key`, created on first use (see [`Limits`] for the bound).
     pub(crate) fn key(&self, key: Option<Model>) -> Arc<KeyState> {
         let key = key.unwrap_or_else(|| self.config.default_key.clone());
-        if let Some(state) = read(&self.keys).get(&key) {
+        if let Some(state) = read(&self.keys).map.get(&key) {
+            state.touch(&self.epoch);
             return Arc::clone(state);
         }
-        let mut keys = write(&self.keys);
-        if let Some(state) = keys.get(&key) {
+        self.insert(key)
+    }
+
+    #[cold]
+    fn insert(&self, key: Model) -> Arc<KeyState> {
+        let mut table = write(&self.keys);
+        if let Some(state) = table.map.get(&key) {
+            state.touch(&self.epoch);
             return Arc::clone(state);
         }
-        if keys.len() >= self.config.max_keys {
-            return Arc::clone(&self.overflow);
-        }
-        let limit = self
-            .config
-            .overrides
-            .get(&key)
-            .copied()
-            .unwrap_or(self.config.default_limit);
+        let configured = match self.config.overrides.get(&key) {
+            Some(&limit) => Some(limit),
+            None => (key == self.config.default_key).then_some(self.config.default_limit),
+        };
+        let limit = match configured {
+            Some(limit) => limit,
+            None => {
+                // A model literally named like the bucket would show twice in snapshots.
+                if key.as_str().len() > MAX_KEY_LEN || key.as_str() == OVERFLOW_KEY {
+                    return Arc::clone(&self.overflow);
+                }
+                if table.unknown >= self.config.max_keys && !table.evict_idle() {
+                    return Arc::clone(&self.overflow);
+                }
+                table.unknown += 1;
+                self.config.default_limit
+            }
+        };
+        // Odd stamps for new keys, even ones for hits after them: a key used
+        // after another was created is strictly newer, and the reverse too.
+        let stamp = self.epoch.fetch_add(2, Ordering::Relaxed) + 1;
         let state = Arc::new(KeyState::new(
             key.clone(),
             limit,
             self.config.adaptive.as_ref(),
+            configured.is_some(),
+            stamp,
         ));
-        keys.insert(key, Arc::clone(&state));
+        table.map.insert(key, Arc::clone(&state));
         state
     }
 
     pub(crate) fn snapshot(&self) -> Vec<KeySnapshot> {
         let keys = read(&self.keys);
-        let mut snapshot: Vec<KeySnapshot> = keys.values().map(|k| k.snapshot()).collect();
+        let mut snapshot: Vec<KeySnapshot> = keys.map.values().map(|k| k.snapshot()).collect();
+        drop(keys);
         let overflow = self.overflow.snapshot();
         if overflow.in_flight + overflow.queued > 0 || overflow.rejected + overflow.timed_out > 0 {
             snapshot.push(overflow);
@@ -116,6 +186,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct KeyState {
     pub(crate) key: Model,
     pub(crate) semaphore: Arc<Semaphore>,
+    /// Configured keys are never evicted.
+    configured: bool,
+    /// The epoch of the last lookup (see [`Limits`]).
+    last_used: AtomicU64,
     limit: Mutex<LimitState>,
     in_flight: AtomicUsize,
     pub(crate) queued: AtomicUsize,
@@ -133,11 +207,19 @@ struct LimitState {
 }
 
 impl KeyState {
-    fn new(key: Model, limit: usize, adaptive: Option<&Aimd>) -> Self {
+    fn new(
+        key: Model,
+        limit: usize,
+        adaptive: Option<&Aimd>,
+        configured: bool,
+        stamp: u64,
+    ) -> Self {
         let limit = limit.max(1);
         Self {
             key,
             semaphore: Arc::new(Semaphore::new(limit)),
+            configured,
+            last_used: AtomicU64::new(stamp),
             limit: Mutex::new(LimitState {
                 current: limit,
                 debt: 0,
@@ -147,6 +229,18 @@ impl KeyState {
             queued: AtomicUsize::new(0),
             rejected: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks an unknown key as used now; skips the store when the stamp is
+    /// current, so hot keys do not write a shared cache line per call.
+    fn touch(&self, epoch: &AtomicU64) {
+        if self.configured {
+            return;
+        }
+        let now = epoch.load(Ordering::Relaxed);
+        if self.last_used.load(Ordering::Relaxed) != now {
+            self.last_used.store(now, Ordering::Relaxed);
         }
     }
 
@@ -245,7 +339,8 @@ impl Drop for Permit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySnapshot {
     /// The key (a model, or what the key function returned; `<overflow>`
-    /// for the bucket that keys past the table's bound share).
+    /// for the bucket unknown keys share while every slot of the table is
+    /// busy, see [`max_keys`](super::ConcurrencyPerModelLayer::max_keys)).
     pub key: Model,
     /// The limit in force (lower than configured while adaptive mode has shrunk it).
     pub limit: usize,
@@ -257,4 +352,132 @@ pub struct KeySnapshot {
     pub rejected: u64,
     /// Calls whose wait for a permit timed out.
     pub timed_out: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_keys: usize, overrides: &[(&str, usize)]) -> Limits {
+        Limits::new(Config {
+            default_limit: 4,
+            overrides: overrides
+                .iter()
+                .map(|(name, limit)| (Model::new(*name), *limit))
+                .collect(),
+            global_limit: None,
+            max_queued: 8,
+            queue_timeout: None,
+            adaptive: None,
+            default_key: Model::new("<default>"),
+            max_keys,
+        })
+    }
+
+    fn key(limits: &Limits, name: &str) -> Arc<KeyState> {
+        limits.key(Some(Model::new(name)))
+    }
+
+    fn names(limits: &Limits) -> Vec<String> {
+        limits
+            .snapshot()
+            .iter()
+            .map(|s| s.key.as_str().to_owned())
+            .collect()
+    }
+
+    // Defect 4: configured keys and the default key neither count against
+    // `max_keys` nor can be evicted, even with no slot for unknown keys at all.
+    #[test]
+    fn configured_keys_are_outside_the_bound() {
+        let limits = limits(0, &[("opus", 2)]);
+        assert_eq!(key(&limits, "unknown").key.as_str(), OVERFLOW_KEY);
+        let opus = key(&limits, "opus");
+        assert_eq!((opus.key.as_str(), opus.snapshot().limit), ("opus", 2));
+        drop(opus);
+        let default = limits.key(None);
+        assert_eq!(default.key.as_str(), "<default>");
+        drop(default);
+        for i in 0..100 {
+            assert_eq!(key(&limits, &format!("m{i}")).key.as_str(), OVERFLOW_KEY);
+        }
+        assert_eq!(names(&limits), ["<default>", "opus"]);
+    }
+
+    // Defect 4: the least recently used idle key is the one replaced.
+    #[test]
+    fn the_least_recently_used_idle_key_is_replaced() {
+        let limits = limits(3, &[("opus", 2)]);
+        for name in ["a", "b", "c", "opus"] {
+            key(&limits, name);
+        }
+        key(&limits, "a");
+        key(&limits, "d");
+        assert_eq!(names(&limits), ["a", "c", "d", "opus"], "b was oldest");
+        key(&limits, "c");
+        key(&limits, "e");
+        assert_eq!(names(&limits), ["c", "d", "e", "opus"], "then a");
+    }
+
+    // Defect 4: a key something holds (a permit, a waiter) is never evicted;
+    // with every slot held, new keys share the overflow bucket.
+    #[test]
+    fn a_held_key_is_never_evicted() {
+        let limits = limits(2, &[]);
+        let a = key(&limits, "a");
+        let b = key(&limits, "b");
+        let c = key(&limits, "c");
+        assert_eq!(c.key.as_str(), OVERFLOW_KEY);
+        assert_eq!(names(&limits), ["a", "b"]);
+        assert!(Arc::ptr_eq(&a, &key(&limits, "a")), "still the same state");
+        drop(b);
+        assert_eq!(key(&limits, "d").key.as_str(), "d");
+        assert_eq!(names(&limits), ["a", "d"]);
+        drop(a);
+    }
+
+    // Defect 4: long names and the bucket's own name cannot take a slot.
+    #[test]
+    fn long_names_and_the_overflow_name_share_the_overflow_bucket() {
+        let long = "m".repeat(MAX_KEY_LEN + 1);
+        let limits = limits(8, &[(long.as_str(), 3)]);
+        assert_eq!(
+            key(&limits, &"x".repeat(MAX_KEY_LEN + 1)).key.as_str(),
+            OVERFLOW_KEY
+        );
+        assert_eq!(key(&limits, OVERFLOW_KEY).snapshot().limit, 4);
+        assert_eq!(
+            key(&limits, &"x".repeat(MAX_KEY_LEN)).key.as_str().len(),
+            MAX_KEY_LEN
+        );
+        assert_eq!(
+            key(&limits, &long).snapshot().limit,
+            3,
+            "configured: any length"
+        );
+        assert_eq!(limits.snapshot().len(), 2);
+    }
+
+    // Defect 4: a flood of distinct names keeps the table at its bound.
+    #[test]
+    fn a_flood_keeps_the_table_at_its_bound() {
+        let limits = limits(16, &[("opus", 2), ("sonnet", 3)]);
+        let opus = key(&limits, "opus");
+        let mut held = Vec::new();
+        for i in 0..20_000 {
+            let state = key(&limits, &format!("m{i}"));
+            if i % 101 == 0 && held.len() < 10 {
+                held.push(state);
+            }
+            assert!(read(&limits.keys).map.len() <= 16 + 2 + 1);
+        }
+        assert_eq!(read(&limits.keys).unknown, 16);
+        assert!(Arc::ptr_eq(&opus, &key(&limits, "opus")));
+        for state in &held {
+            assert!(
+                Arc::ptr_eq(state, &key(&limits, state.key.as_str())),
+                "held keys stay"
+            );
+        }
+    }
 }

@@ -23,9 +23,15 @@
 //! - **Adaptive mode** (opt-in, [`Aimd`]): a 529 (or 429) for a key
 //!   multiplies its limit by 0.9; a success with at least half the limit in
 //!   use adds one, up to the configured maximum.
-//! - **Bounded keys.** Keys are created on first use, at most `max_keys`
-//!   (default 64) of them; later keys share one `<overflow>` bucket with the
-//!   default limit, so a buggy or hostile model string cannot grow memory.
+//! - **Bounded keys.** Keys are created on first use. Configured models
+//!   (`limit_for`) and the default key always keep their own key and limit:
+//!   no other name can evict, block or share them. Other names share at most
+//!   `max_keys` (default 64) slots, reused least recently used first among
+//!   those with nothing in flight or queued; only while every slot is busy
+//!   do new names share one `<overflow>` bucket with the default limit. A
+//!   client inventing model names thus costs bounded memory and never
+//!   disables a configured cap (see
+//!   [`max_keys`](ConcurrencyPerModelLayer::max_keys)).
 //!
 //! ```
 //! use std::time::Duration;
