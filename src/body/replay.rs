@@ -3,7 +3,7 @@
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
 use http::HeaderMap;
@@ -18,7 +18,9 @@ use crate::BoxError;
 pub enum ReplayError {
     /// The body was longer than the cap, so it was not kept.
     TooLarge,
-    /// Another copy is streaming the original body right now.
+    /// Another copy is streaming the original body right now. No longer
+    /// returned: a copy now waits for the earlier reader's next chunk or its
+    /// drop. Kept so that code naming it still compiles.
     InUse,
     /// The original body failed while it was being read.
     Failed,
@@ -39,7 +41,10 @@ impl std::error::Error for ReplayError {}
 /// Wraps any body so that it can be replayed: the first attempt streams it
 /// and keeps each chunk (a reference-count clone of the data) up to `cap`
 /// bytes; copies replay the kept chunks, then go on reading the original
-/// where the last reader stopped. Past the cap the kept chunks are dropped
+/// where the last reader stopped (a copy that finds an earlier attempt still
+/// reading it, because the server answered early, waits for that reader's
+/// next chunk or its drop). Every copy announces the whole body as its size,
+/// so a client frames each attempt with the original length. Past the cap the kept chunks are dropped
 /// and copies report [`ReplayError::TooLarge`], so a retry layer sends the
 /// request once and says why, never silently dropping it.
 ///
@@ -65,12 +70,17 @@ pub struct ReplayBody<B> {
     live: Option<B>,
     /// How many kept chunks this copy has yielded.
     replayed: usize,
+    /// How many bytes this copy has yielded, to announce what is left of the whole.
+    yielded: u64,
     done: bool,
 }
 
 struct Shared<B> {
     /// The original body when no copy is reading it.
     rest: Option<B>,
+    /// The original body's size hint before anything was read: the size of
+    /// the whole body, which every copy sends.
+    whole: SizeHint,
     chunks: Vec<Bytes>,
     kept: usize,
     cap: usize,
@@ -80,6 +90,23 @@ struct Shared<B> {
     ended: bool,
     too_large: bool,
     failed: bool,
+    /// Copies waiting for the copy that reads the original to read more or
+    /// let go of it.
+    waiting: Vec<Waker>,
+}
+
+impl<B> Shared<B> {
+    fn wake_all(&mut self) {
+        for waker in self.waiting.drain(..) {
+            waker.wake();
+        }
+    }
+
+    fn wait(&mut self, waker: &Waker) {
+        if !self.waiting.iter().any(|w| w.will_wake(waker)) {
+            self.waiting.push(waker.clone());
+        }
+    }
 }
 
 impl<B: Body> ReplayBody<B> {
@@ -92,10 +119,12 @@ impl<B: Body> ReplayBody<B> {
     /// let body = ReplayBody::new(Full::new(Bytes::from_static(b"{}")), DEFAULT_REPLAY_CAP);
     /// ```
     pub fn new(body: B, cap: usize) -> Self {
-        let too_large = body.size_hint().lower() > cap as u64;
+        let whole = body.size_hint();
+        let too_large = whole.lower() > cap as u64;
         Self {
             shared: Arc::new(Mutex::new(Shared {
                 rest: Some(body),
+                whole,
                 chunks: Vec::new(),
                 kept: 0,
                 cap,
@@ -104,9 +133,11 @@ impl<B: Body> ReplayBody<B> {
                 ended: false,
                 too_large,
                 failed: false,
+                waiting: Vec::new(),
             })),
             live: None,
             replayed: 0,
+            yielded: 0,
             done: false,
         }
     }
@@ -159,6 +190,7 @@ where
             shared: Arc::clone(&self.shared),
             live: None,
             replayed: 0,
+            yielded: 0,
             done: false,
         })
     }
@@ -180,7 +212,9 @@ impl<B> Drop for ReplayBody<B> {
     fn drop(&mut self) {
         if let Some(body) = self.live.take() {
             // Hand the unread rest back so the next copy can go on from here.
-            lock(&self.shared).rest = Some(body);
+            let mut shared = lock(&self.shared);
+            shared.rest = Some(body);
+            shared.wake_all();
         }
     }
 }
@@ -207,6 +241,7 @@ where
             if this.replayed < shared.chunks.len() {
                 let chunk = shared.chunks[this.replayed].clone();
                 this.replayed += 1;
+                this.yielded += chunk.len() as u64;
                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
             }
             // The start of the body was read and not kept: this copy cannot have it.
@@ -222,7 +257,13 @@ where
             }
             match shared.rest.take() {
                 Some(body) => this.live = Some(body),
-                None => return Poll::Ready(Some(Err(ReplayError::InUse.into()))),
+                None => {
+                    // An earlier attempt is still streaming the original (a
+                    // server may answer before reading the whole body): wait
+                    // for the chunks it keeps, or for it to let go.
+                    shared.wait(cx.waker());
+                    return Poll::Pending;
+                }
             }
         }
         let Some(body) = this.live.as_mut() else {
@@ -232,6 +273,7 @@ where
         let mut shared = lock(&this.shared);
         if polled.is_ready() {
             shared.started = true;
+            shared.wake_all();
         }
         match polled {
             Poll::Pending => Poll::Pending,
@@ -260,6 +302,7 @@ where
                     }
                     // This copy has now yielded every kept chunk.
                     this.replayed = shared.chunks.len();
+                    this.yielded += chunk.len() as u64;
                     Poll::Ready(Some(Ok(Frame::data(chunk))))
                 }
                 Err(frame) => match frame.into_trailers() {
@@ -278,19 +321,24 @@ where
         self.done
     }
 
+    /// What is left of the whole body for this copy: the kept chunks it has
+    /// not replayed yet plus the unread rest. Never only the rest: a client
+    /// frames the request with it (`content-length`), and a copy that
+    /// announced less than it sends would go out cut short.
     fn size_hint(&self) -> SizeHint {
+        if self.done {
+            return SizeHint::with_exact(0);
+        }
         let shared = lock(&self.shared);
         if shared.ended && !shared.too_large {
-            let remaining: usize = shared.chunks[self.replayed.min(shared.chunks.len())..]
-                .iter()
-                .map(Bytes::len)
-                .sum();
-            return SizeHint::with_exact(remaining as u64);
+            return SizeHint::with_exact((shared.kept as u64).saturating_sub(self.yielded));
         }
-        match (&self.live, &shared.rest) {
-            (Some(body), _) | (None, Some(body)) if self.replayed == 0 => body.size_hint(),
-            _ => SizeHint::default(),
+        let mut hint = SizeHint::new();
+        hint.set_lower(shared.whole.lower().saturating_sub(self.yielded));
+        if let Some(upper) = shared.whole.upper() {
+            hint.set_upper(upper.saturating_sub(self.yielded));
         }
+        hint
     }
 }
 
@@ -374,17 +422,91 @@ mod tests {
         assert_eq!(body.collect().await.unwrap().to_bytes(), "0123456789");
     }
 
+    /// Chunks with an exact size hint, like hyper's `Incoming` with a content-length.
+    struct Sized(std::collections::VecDeque<Bytes>);
+
+    impl Body for Sized {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|chunk| Ok(Frame::data(chunk))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.0.iter().map(|c| c.len() as u64).sum())
+        }
+    }
+
+    fn sized(parts: &[&'static str]) -> Sized {
+        Sized(
+            parts
+                .iter()
+                .map(|p| Bytes::from_static(p.as_bytes()))
+                .collect(),
+        )
+    }
+
+    // Defect 2: a copy made after a partial read announced only the unread
+    // rest, so a client framed the retry as `content-length: 4` of a 6-byte body.
     #[tokio::test]
-    async fn two_live_readers_get_a_clear_error() {
-        let mut first = ReplayBody::new(stream(&["ab", "cd"]), 16);
-        let mut second = first.try_clone_body().unwrap();
-        first.frame().await.unwrap().unwrap();
-        second.frame().await.unwrap().unwrap(); // replays "ab"
-        let error = second.frame().await.unwrap().unwrap_err();
-        assert!(
-            error.to_string().contains("still being streamed"),
-            "{error}"
+    async fn defect_2_a_copy_announces_the_whole_body() {
+        let mut body = ReplayBody::new(sized(&["ab", "cd", "ef"]), 16);
+        let spare = body.try_clone_body().unwrap();
+        assert_eq!(spare.size_hint().exact(), Some(6));
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "ab"
         );
+        assert_eq!(body.size_hint().exact(), Some(4), "the reader has 4 left");
+        assert_eq!(spare.size_hint().exact(), Some(6), "while the first reads");
+        drop(body);
+        assert_eq!(
+            spare.size_hint().exact(),
+            Some(6),
+            "after the first is dropped"
+        );
+        let mut copy = spare.try_clone_body().unwrap();
+        assert_eq!(
+            copy.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "ab"
+        );
+        assert_eq!(copy.size_hint().exact(), Some(4));
+        assert_eq!(spare.collect().await.unwrap().to_bytes(), "abcdef");
+        assert_eq!(copy.size_hint().exact(), Some(4), "once all is kept");
+        assert_eq!(copy.collect().await.unwrap().to_bytes(), "cdef");
+    }
+
+    // Defect 2: a copy that finds the original still being streamed waits
+    // for the next chunk or for the reader's drop, instead of failing `InUse`.
+    #[tokio::test]
+    async fn defect_2_a_second_reader_waits_for_the_first() {
+        let mut first = ReplayBody::new(sized(&["ab", "cd", "ef"]), 16);
+        let second = first.try_clone_body().unwrap();
+        assert_eq!(
+            first.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "ab"
+        );
+        let mut second = tokio_test::task::spawn(second.collect());
+        assert!(second.poll().is_pending(), "replays ab, then waits");
+        assert_eq!(
+            first.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "cd"
+        );
+        assert!(second.is_woken(), "a new kept chunk wakes the waiting copy");
+        assert!(second.poll().is_pending());
+        drop(first);
+        assert!(
+            second.is_woken(),
+            "the reader's drop wakes the waiting copy"
+        );
+        match second.poll() {
+            Poll::Ready(Ok(collected)) => assert_eq!(collected.to_bytes(), "abcdef"),
+            other => panic!("expected the whole body, got {other:?}"),
+        }
     }
 
     #[tokio::test]
