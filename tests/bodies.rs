@@ -110,3 +110,48 @@ async fn defect_3_a_chunked_request_stays_chunked_after_the_rewrite() {
         "chunked"
     );
 }
+
+// Defect 11 (b): the sniffer read a failed response's frames and dropped
+// every one that was not data, so the caller lost the trailers.
+#[tokio::test(start_paused = true)]
+async fn defect_11_the_sniffer_hands_on_trailers_in_order() {
+    use http_body::Frame;
+    use http_body_util::{BodyExt, StreamBody};
+    use tower_overload::retry::{OverloadRetryLayer, RetryPolicy};
+
+    let upstream = tower::service_fn(|_: Request<Full<bytes::Bytes>>| async {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+        let frames: Vec<Result<Frame<bytes::Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(bytes::Bytes::from_static(
+                b"{\"type\":\"error\",",
+            ))),
+            Ok(Frame::data(bytes::Bytes::from_static(
+                b"\"error\":{\"type\":\"api_error\",\"message\":\"boom\"}}",
+            ))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let body = StreamBody::new(futures::stream::iter(frames));
+        Ok::<_, std::io::Error>(http::Response::builder().status(500).body(body).unwrap())
+    });
+    let service = OverloadRetryLayer::new(RetryPolicy::foreground().seed(13)).layer(upstream);
+    let request = Request::post("http://upstream/v1/messages")
+        .body(Full::new(messages_body(LONG)))
+        .unwrap();
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 500);
+    let mut body = response.into_body();
+    let mut kinds = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap();
+        kinds.push(match frame.trailers_ref() {
+            Some(trailers) => format!("trailers {:?}", trailers.get("x-checksum")),
+            None => format!("data {}", frame.data_ref().map_or(0, |d| d.len())),
+        });
+    }
+    assert_eq!(
+        kinds,
+        ["data 16", "data 46", "trailers Some(\"abc\")"],
+        "every frame, in order"
+    );
+}
