@@ -578,3 +578,46 @@ mod retried {
         assert_every_attempt_whole(&mock_seen(&mock), &body);
     }
 }
+
+// Defect 11 (a): String content replays by reference count once it is a
+// `Full<Bytes>` (taking the String's buffer, no copy): every attempt is
+// handed the very same bytes, not a copy. (A `String` body type cannot
+// share its buffer; see `body::ReplayableBody for String`.)
+#[tokio::test(start_paused = true)]
+async fn defect_11_string_content_replays_by_reference_count() {
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+    use tower_overload::retry::{OverloadRetryLayer, RetryPolicy};
+
+    let text = String::from_utf8(messages_body(LONG).to_vec()).unwrap();
+    let original = text.as_ptr() as usize;
+    let body = Full::new(bytes::Bytes::from(text));
+    let handed: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let seen = Arc::clone(&handed);
+    let upstream = tower::service_fn(move |request: Request<Full<bytes::Bytes>>| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let data = request.into_body().collect().await.unwrap().to_bytes();
+            let mut seen = seen.lock().unwrap();
+            seen.push(data.as_ptr() as usize);
+            let status = if seen.len() < 3 { 529 } else { 200 };
+            Ok::<_, std::io::Error>(
+                http::Response::builder()
+                    .status(status)
+                    .body(Full::new(bytes::Bytes::new()))
+                    .unwrap(),
+            )
+        }
+    });
+    let service = OverloadRetryLayer::new(RetryPolicy::foreground().seed(5)).layer(upstream);
+    let request = Request::post("http://upstream/v1/messages")
+        .body(body)
+        .unwrap();
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        *handed.lock().unwrap(),
+        [original; 3],
+        "the same buffer, three times"
+    );
+}

@@ -2,8 +2,10 @@
 //!
 //! Retrying and falling back need the request again. [`ReplayableBody`] says
 //! how a body type gives a copy for another attempt: cheap bodies
-//! ([`Full<Bytes>`], [`Empty<Bytes>`], `String`) clone by reference count,
-//! never copying bytes; any other body can be wrapped in a [`ReplayBody`],
+//! ([`Full<Bytes>`], [`Empty<Bytes>`]) clone by reference count, never
+//! copying bytes. A `String` owns its bytes, so each copy of one is a copy of
+//! the bytes: turn it into `Full::new(Bytes::from(string))` (which takes the
+//! string's buffer, no copy) to replay it by reference count. Any other body can be wrapped in a [`ReplayBody`],
 //! which keeps the chunks the first attempt streams (again by reference
 //! count) up to a cap, and replays them.
 //!
@@ -90,6 +92,9 @@ impl ReplayableBody for Empty<Bytes> {
     }
 }
 
+/// Each copy copies the bytes (two `String`s cannot share a buffer); for
+/// replay by reference count send `Full::new(Bytes::from(string))` instead,
+/// which takes the string's buffer without copying it.
 impl ReplayableBody for String {
     fn try_clone_body(&self) -> Option<Self> {
         Some(self.clone())
