@@ -17,7 +17,7 @@ use crate::body::ReplayableBody;
 use crate::classify::{self, Class};
 use crate::headers::{self, RequestId};
 use crate::model::{self, Model};
-use crate::template::RequestTemplate;
+use crate::template::{RequestTemplate, set_body_length};
 use crate::{BoxError, Error, ErrorKind};
 
 pin_project! {
@@ -219,13 +219,17 @@ where
     /// The call, for the model at `position`: body rewritten, routed.
     fn request_for(&self, position: usize) -> Option<Request<B>> {
         let model = self.model_at(position)?;
-        let body = if *model == self.requested {
-            self.spare.with_bytes(self.bytes.clone())?
+        let bytes = if *model == self.requested {
+            self.bytes.clone()
         } else {
-            self.spare
-                .with_bytes(model::rewrite(&self.bytes, model.as_str())?)?
+            model::rewrite(&self.bytes, model.as_str())?
         };
-        Some(self.template_request(body, (*model != self.requested).then_some(position)))
+        let len = bytes.len();
+        let body = self.spare.with_bytes(bytes)?;
+        let mut request =
+            self.template_request(body, (*model != self.requested).then_some(position));
+        set_body_length(request.headers_mut(), len);
+        Some(request)
     }
 
     fn current_model(&self) -> Model {

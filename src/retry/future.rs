@@ -584,6 +584,7 @@ where
                 } => {
                     let mut failure = None;
                     let mut ended = false;
+                    let mut tail = None;
                     let limit = stream
                         .as_ref()
                         .map_or(MAX_SNIFF_BYTES, |p| p.guard.max_peek_bytes);
@@ -608,8 +609,8 @@ where
                                     failure = Some(error);
                                     break;
                                 }
-                                Poll::Ready(Some(Ok(frame))) => {
-                                    if let Ok(mut data) = frame.into_data() {
+                                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                                    Ok(mut data) => {
                                         let chunk = data.copy_to_bytes(data.remaining());
                                         *len += chunk.len();
                                         if let Some(peek) = stream.as_mut() {
@@ -617,7 +618,16 @@ where
                                         }
                                         chunks.push(chunk);
                                     }
-                                }
+                                    // Trailers come last: the body is over, and
+                                    // the caller gets them after the chunks.
+                                    Err(frame) => {
+                                        tail = Some(
+                                            frame.map_data(|mut d| d.copy_to_bytes(d.remaining())),
+                                        );
+                                        ended = true;
+                                        break;
+                                    }
+                                },
                             }
                         }
                     }
@@ -642,7 +652,9 @@ where
                             classify::classify(parts.status, &parts.headers, Some(prefix))
                         }
                     };
-                    let mut peeked = PeekedBody::new(inner).with_prefix(chunks);
+                    let mut peeked = PeekedBody::new(inner)
+                        .with_prefix(chunks)
+                        .with_prefix_frames(tail);
                     if let Some(error) = failure {
                         peeked = peeked.with_error(error);
                     }

@@ -1,17 +1,5 @@
-//! Request bodies that can be sent again, and response bodies that were peeked at.
-//!
-//! Retrying and falling back need the request again. [`ReplayableBody`] says
-//! how a body type gives a copy for another attempt: cheap bodies
-//! ([`Full<Bytes>`], [`Empty<Bytes>`], `String`) clone by reference count,
-//! never copying bytes; any other body can be wrapped in a [`ReplayBody`],
-//! which keeps the chunks the first attempt streams (again by reference
-//! count) up to a cap, and replays them.
-//!
-//! [`PeekedBody`] is what a layer returns after reading the start of a
-//! response body to classify it: the chunks it read, then the rest, so the
-//! caller sees every byte exactly once.
+//! [`ReplayBody`]: any body, kept as it streams so that copies can replay it.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,92 +8,9 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Empty, Full};
-use pin_project_lite::pin_project;
 
+use super::{DEFAULT_REPLAY_CAP, ReplayableBody};
 use crate::BoxError;
-use crate::headers::RequestId;
-use crate::sse::{ErrorEventWatch, MidStreamErrors};
-
-/// The API's own request size limit, and [`ReplayBody`]'s default cap.
-pub const DEFAULT_REPLAY_CAP: usize = 32 * 1024 * 1024;
-
-/// A request body that can give a copy of itself for another attempt.
-///
-/// ```
-/// use bytes::Bytes;
-/// use http_body_util::Full;
-/// use tower_overload::body::ReplayableBody;
-///
-/// let body = Full::new(Bytes::from_static(b"{\"model\":\"claude-opus-4-6\"}"));
-/// let copy = body.try_clone_body().expect("Full<Bytes> always replays");
-/// assert_eq!(copy.in_memory().unwrap(), body.in_memory().unwrap());
-/// ```
-pub trait ReplayableBody: Body + Sized {
-    /// A copy that will yield the same bytes, or `None` when the body can no
-    /// longer be replayed (e.g. a [`ReplayBody`] past its cap).
-    fn try_clone_body(&self) -> Option<Self>;
-
-    /// The whole body, when it is in memory and can be read without being
-    /// consumed (a reference-count clone, no copy). Used to read the model
-    /// from a request before sending it.
-    fn in_memory(&self) -> Option<Bytes> {
-        None
-    }
-
-    /// A body of this type holding `bytes` instead: how a request is sent
-    /// again with a rewritten body (the same call for another model).
-    /// `None` when the type cannot hold arbitrary bytes.
-    fn with_bytes(&self, bytes: Bytes) -> Option<Self> {
-        let _ = bytes;
-        None
-    }
-}
-
-impl ReplayableBody for Full<Bytes> {
-    fn try_clone_body(&self) -> Option<Self> {
-        Some(self.clone())
-    }
-
-    fn in_memory(&self) -> Option<Bytes> {
-        // `Full` keeps its bytes private; a clone yields them at once,
-        // without a runtime, so polling it with a no-op waker reads them.
-        let mut copy = self.clone();
-        let mut cx = Context::from_waker(Waker::noop());
-        match Pin::new(&mut copy).poll_frame(&mut cx) {
-            Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
-            _ => Some(Bytes::new()),
-        }
-    }
-
-    fn with_bytes(&self, bytes: Bytes) -> Option<Self> {
-        Some(Full::new(bytes))
-    }
-}
-
-impl ReplayableBody for Empty<Bytes> {
-    fn try_clone_body(&self) -> Option<Self> {
-        Some(*self)
-    }
-
-    fn in_memory(&self) -> Option<Bytes> {
-        Some(Bytes::new())
-    }
-}
-
-impl ReplayableBody for String {
-    fn try_clone_body(&self) -> Option<Self> {
-        Some(self.clone())
-    }
-
-    fn in_memory(&self) -> Option<Bytes> {
-        Some(Bytes::copy_from_slice(self.as_bytes()))
-    }
-
-    fn with_bytes(&self, bytes: Bytes) -> Option<Self> {
-        String::from_utf8(bytes.into()).ok()
-    }
-}
 
 /// Why a [`ReplayBody`] cannot be replayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +18,9 @@ impl ReplayableBody for String {
 pub enum ReplayError {
     /// The body was longer than the cap, so it was not kept.
     TooLarge,
-    /// Another copy is streaming the original body right now.
+    /// Another copy is streaming the original body right now. No longer
+    /// returned: a copy now waits for the earlier reader's next chunk or its
+    /// drop. Kept so that code naming it still compiles.
     InUse,
     /// The original body failed while it was being read.
     Failed,
@@ -134,7 +41,10 @@ impl std::error::Error for ReplayError {}
 /// Wraps any body so that it can be replayed: the first attempt streams it
 /// and keeps each chunk (a reference-count clone of the data) up to `cap`
 /// bytes; copies replay the kept chunks, then go on reading the original
-/// where the last reader stopped. Past the cap the kept chunks are dropped
+/// where the last reader stopped (a copy that finds an earlier attempt still
+/// reading it, because the server answered early, waits for that reader's
+/// next chunk or its drop). Every copy announces the whole body as its size,
+/// so a client frames each attempt with the original length. Past the cap the kept chunks are dropped
 /// and copies report [`ReplayError::TooLarge`], so a retry layer sends the
 /// request once and says why, never silently dropping it.
 ///
@@ -160,12 +70,17 @@ pub struct ReplayBody<B> {
     live: Option<B>,
     /// How many kept chunks this copy has yielded.
     replayed: usize,
+    /// How many bytes this copy has yielded, to announce what is left of the whole.
+    yielded: u64,
     done: bool,
 }
 
 struct Shared<B> {
     /// The original body when no copy is reading it.
     rest: Option<B>,
+    /// The original body's size hint before anything was read: the size of
+    /// the whole body, which every copy sends.
+    whole: SizeHint,
     chunks: Vec<Bytes>,
     kept: usize,
     cap: usize,
@@ -175,6 +90,23 @@ struct Shared<B> {
     ended: bool,
     too_large: bool,
     failed: bool,
+    /// Copies waiting for the copy that reads the original to read more or
+    /// let go of it.
+    waiting: Vec<Waker>,
+}
+
+impl<B> Shared<B> {
+    fn wake_all(&mut self) {
+        for waker in self.waiting.drain(..) {
+            waker.wake();
+        }
+    }
+
+    fn wait(&mut self, waker: &Waker) {
+        if !self.waiting.iter().any(|w| w.will_wake(waker)) {
+            self.waiting.push(waker.clone());
+        }
+    }
 }
 
 impl<B: Body> ReplayBody<B> {
@@ -187,10 +119,12 @@ impl<B: Body> ReplayBody<B> {
     /// let body = ReplayBody::new(Full::new(Bytes::from_static(b"{}")), DEFAULT_REPLAY_CAP);
     /// ```
     pub fn new(body: B, cap: usize) -> Self {
-        let too_large = body.size_hint().lower() > cap as u64;
+        let whole = body.size_hint();
+        let too_large = whole.lower() > cap as u64;
         Self {
             shared: Arc::new(Mutex::new(Shared {
                 rest: Some(body),
+                whole,
                 chunks: Vec::new(),
                 kept: 0,
                 cap,
@@ -199,9 +133,11 @@ impl<B: Body> ReplayBody<B> {
                 ended: false,
                 too_large,
                 failed: false,
+                waiting: Vec::new(),
             })),
             live: None,
             replayed: 0,
+            yielded: 0,
             done: false,
         }
     }
@@ -254,6 +190,7 @@ where
             shared: Arc::clone(&self.shared),
             live: None,
             replayed: 0,
+            yielded: 0,
             done: false,
         })
     }
@@ -275,7 +212,9 @@ impl<B> Drop for ReplayBody<B> {
     fn drop(&mut self) {
         if let Some(body) = self.live.take() {
             // Hand the unread rest back so the next copy can go on from here.
-            lock(&self.shared).rest = Some(body);
+            let mut shared = lock(&self.shared);
+            shared.rest = Some(body);
+            shared.wake_all();
         }
     }
 }
@@ -302,6 +241,7 @@ where
             if this.replayed < shared.chunks.len() {
                 let chunk = shared.chunks[this.replayed].clone();
                 this.replayed += 1;
+                this.yielded += chunk.len() as u64;
                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
             }
             // The start of the body was read and not kept: this copy cannot have it.
@@ -317,7 +257,13 @@ where
             }
             match shared.rest.take() {
                 Some(body) => this.live = Some(body),
-                None => return Poll::Ready(Some(Err(ReplayError::InUse.into()))),
+                None => {
+                    // An earlier attempt is still streaming the original (a
+                    // server may answer before reading the whole body): wait
+                    // for the chunks it keeps, or for it to let go.
+                    shared.wait(cx.waker());
+                    return Poll::Pending;
+                }
             }
         }
         let Some(body) = this.live.as_mut() else {
@@ -327,6 +273,7 @@ where
         let mut shared = lock(&this.shared);
         if polled.is_ready() {
             shared.started = true;
+            shared.wake_all();
         }
         match polled {
             Poll::Pending => Poll::Pending,
@@ -355,6 +302,7 @@ where
                     }
                     // This copy has now yielded every kept chunk.
                     this.replayed = shared.chunks.len();
+                    this.yielded += chunk.len() as u64;
                     Poll::Ready(Some(Ok(Frame::data(chunk))))
                 }
                 Err(frame) => match frame.into_trailers() {
@@ -373,19 +321,24 @@ where
         self.done
     }
 
+    /// What is left of the whole body for this copy: the kept chunks it has
+    /// not replayed yet plus the unread rest. Never only the rest: a client
+    /// frames the request with it (`content-length`), and a copy that
+    /// announced less than it sends would go out cut short.
     fn size_hint(&self) -> SizeHint {
+        if self.done {
+            return SizeHint::with_exact(0);
+        }
         let shared = lock(&self.shared);
         if shared.ended && !shared.too_large {
-            let remaining: usize = shared.chunks[self.replayed.min(shared.chunks.len())..]
-                .iter()
-                .map(Bytes::len)
-                .sum();
-            return SizeHint::with_exact(remaining as u64);
+            return SizeHint::with_exact((shared.kept as u64).saturating_sub(self.yielded));
         }
-        match (&self.live, &shared.rest) {
-            (Some(body), _) | (None, Some(body)) if self.replayed == 0 => body.size_hint(),
-            _ => SizeHint::default(),
+        let mut hint = SizeHint::new();
+        hint.set_lower(shared.whole.lower().saturating_sub(self.yielded));
+        if let Some(upper) = shared.whole.upper() {
+            hint.set_upper(upper.saturating_sub(self.yielded));
         }
+        hint
     }
 }
 
@@ -402,187 +355,10 @@ impl<B> fmt::Debug for ReplayBody<B> {
     }
 }
 
-pin_project! {
-    /// A response body whose first chunks were read by a layer (to classify
-    /// it) and are yielded again before the rest of the original body.
-    ///
-    /// ```
-    /// use bytes::Bytes;
-    /// use http_body_util::{BodyExt, Full};
-    /// use tower_overload::body::PeekedBody;
-    ///
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let body = PeekedBody::new(Full::new(Bytes::from_static(b"world")))
-    ///     .with_prefix(vec![Bytes::from_static(b"hello ")]);
-    /// assert_eq!(body.collect().await.unwrap().to_bytes(), "hello world");
-    /// # }
-    /// ```
-    pub struct PeekedBody<B: Body> {
-        prefix: VecDeque<Bytes>,
-        error: Option<B::Error>,
-        watch: Option<Box<Watch>>,
-        #[pin]
-        inner: B,
-    }
-}
-
-/// Watches a stream for error events after its content started.
-#[derive(Debug)]
-struct Watch {
-    lines: ErrorEventWatch,
-    errors: MidStreamErrors,
-    request_id: Option<RequestId>,
-}
-
-impl Watch {
-    fn see(&mut self, chunk: &[u8]) {
-        let found = self.lines.feed(chunk);
-        if found > 0 {
-            self.errors.add(found as u32);
-            tracing::warn!(
-                target: "tower_overload",
-                request_id = self.request_id.as_ref().map_or("-", RequestId::as_str),
-                "error event in a stream whose content had started; passed through, not retried"
-            );
-        }
-    }
-}
-
-impl<B: Body> PeekedBody<B> {
-    /// `inner`, with nothing peeked.
-    ///
-    /// ```
-    /// # use tower_overload::body::PeekedBody;
-    /// let body = PeekedBody::new(http_body_util::Empty::<bytes::Bytes>::new());
-    /// ```
-    pub fn new(inner: B) -> Self {
-        Self {
-            prefix: VecDeque::new(),
-            error: None,
-            watch: None,
-            inner,
-        }
-    }
-
-    /// Yields `chunks` before the rest of the inner body.
-    ///
-    /// ```
-    /// # use tower_overload::body::PeekedBody;
-    /// let body = PeekedBody::new(http_body_util::Empty::<bytes::Bytes>::new())
-    ///     .with_prefix([bytes::Bytes::from_static(b"x")]);
-    /// ```
-    pub fn with_prefix(mut self, chunks: impl IntoIterator<Item = Bytes>) -> Self {
-        self.prefix.extend(chunks);
-        self
-    }
-
-    /// Yields `error` after the prefix, before the rest of the inner body:
-    /// the error the peek ran into, handed on to the caller.
-    ///
-    /// ```
-    /// # use tower_overload::body::PeekedBody;
-    /// use http_body_util::{BodyExt, StreamBody};
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let never = StreamBody::new(futures::stream::empty::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>());
-    /// let body = PeekedBody::new(never).with_error(std::io::Error::other("cut off"));
-    /// assert!(body.collect().await.is_err());
-    /// # }
-    /// ```
-    pub fn with_error(mut self, error: B::Error) -> Self {
-        self.error = Some(error);
-        self
-    }
-
-    /// Counts (and logs) error events in every chunk yielded from here on.
-    #[cfg_attr(not(feature = "retry"), allow(dead_code))]
-    pub(crate) fn watch_for_errors(
-        mut self,
-        errors: MidStreamErrors,
-        request_id: Option<RequestId>,
-    ) -> Self {
-        self.watch = Some(Box::new(Watch {
-            lines: ErrorEventWatch::default(),
-            errors,
-            request_id,
-        }));
-        self
-    }
-
-    /// The inner body.
-    ///
-    /// ```
-    /// # use tower_overload::body::PeekedBody;
-    /// let body = PeekedBody::new(String::from("x"));
-    /// assert_eq!(body.get_ref(), "x");
-    /// ```
-    pub fn get_ref(&self) -> &B {
-        &self.inner
-    }
-}
-
-impl<B> Body for PeekedBody<B>
-where
-    B: Body,
-    B::Data: Buf,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        if let Some(chunk) = this.prefix.pop_front() {
-            if let Some(watch) = this.watch.as_mut() {
-                watch.see(&chunk);
-            }
-            return Poll::Ready(Some(Ok(Frame::data(chunk))));
-        }
-        if let Some(error) = this.error.take() {
-            return Poll::Ready(Some(Err(error)));
-        }
-        let frame = match std::task::ready!(this.inner.poll_frame(cx)) {
-            Some(Ok(frame)) => frame,
-            Some(Err(error)) => return Poll::Ready(Some(Err(error))),
-            None => return Poll::Ready(None),
-        };
-        let frame = frame.map_data(|mut data| data.copy_to_bytes(data.remaining()));
-        if let (Some(watch), Some(chunk)) = (this.watch.as_mut(), frame.data_ref()) {
-            watch.see(chunk);
-        }
-        Poll::Ready(Some(Ok(frame)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.error.is_none() && self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let peeked: u64 = self.prefix.iter().map(|c| c.len() as u64).sum();
-        let inner = self.inner.size_hint();
-        let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower().saturating_add(peeked));
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper.saturating_add(peeked));
-        }
-        hint
-    }
-}
-
-impl<B: Body> fmt::Debug for PeekedBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PeekedBody")
-            .field("peeked_chunks", &self.prefix.len())
-            .field("pending_error", &self.error.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::{BodyExt, StreamBody};
+    use http_body_util::{BodyExt, Full, StreamBody};
 
     type Chunks = Vec<Result<Frame<Bytes>, std::io::Error>>;
     type TestStream =
@@ -646,17 +422,91 @@ mod tests {
         assert_eq!(body.collect().await.unwrap().to_bytes(), "0123456789");
     }
 
+    /// Chunks with an exact size hint, like hyper's `Incoming` with a content-length.
+    struct Sized(std::collections::VecDeque<Bytes>);
+
+    impl Body for Sized {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|chunk| Ok(Frame::data(chunk))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.0.iter().map(|c| c.len() as u64).sum())
+        }
+    }
+
+    fn sized(parts: &[&'static str]) -> Sized {
+        Sized(
+            parts
+                .iter()
+                .map(|p| Bytes::from_static(p.as_bytes()))
+                .collect(),
+        )
+    }
+
+    // Defect 2: a copy made after a partial read announced only the unread
+    // rest, so a client framed the retry as `content-length: 4` of a 6-byte body.
     #[tokio::test]
-    async fn two_live_readers_get_a_clear_error() {
-        let mut first = ReplayBody::new(stream(&["ab", "cd"]), 16);
-        let mut second = first.try_clone_body().unwrap();
-        first.frame().await.unwrap().unwrap();
-        second.frame().await.unwrap().unwrap(); // replays "ab"
-        let error = second.frame().await.unwrap().unwrap_err();
-        assert!(
-            error.to_string().contains("still being streamed"),
-            "{error}"
+    async fn defect_2_a_copy_announces_the_whole_body() {
+        let mut body = ReplayBody::new(sized(&["ab", "cd", "ef"]), 16);
+        let spare = body.try_clone_body().unwrap();
+        assert_eq!(spare.size_hint().exact(), Some(6));
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "ab"
         );
+        assert_eq!(body.size_hint().exact(), Some(4), "the reader has 4 left");
+        assert_eq!(spare.size_hint().exact(), Some(6), "while the first reads");
+        drop(body);
+        assert_eq!(
+            spare.size_hint().exact(),
+            Some(6),
+            "after the first is dropped"
+        );
+        let mut copy = spare.try_clone_body().unwrap();
+        assert_eq!(
+            copy.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "ab"
+        );
+        assert_eq!(copy.size_hint().exact(), Some(4));
+        assert_eq!(spare.collect().await.unwrap().to_bytes(), "abcdef");
+        assert_eq!(copy.size_hint().exact(), Some(4), "once all is kept");
+        assert_eq!(copy.collect().await.unwrap().to_bytes(), "cdef");
+    }
+
+    // Defect 2: a copy that finds the original still being streamed waits
+    // for the next chunk or for the reader's drop, instead of failing `InUse`.
+    #[tokio::test]
+    async fn defect_2_a_second_reader_waits_for_the_first() {
+        let mut first = ReplayBody::new(sized(&["ab", "cd", "ef"]), 16);
+        let second = first.try_clone_body().unwrap();
+        assert_eq!(
+            first.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "ab"
+        );
+        let mut second = tokio_test::task::spawn(second.collect());
+        assert!(second.poll().is_pending(), "replays ab, then waits");
+        assert_eq!(
+            first.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "cd"
+        );
+        assert!(second.is_woken(), "a new kept chunk wakes the waiting copy");
+        assert!(second.poll().is_pending());
+        drop(first);
+        assert!(
+            second.is_woken(),
+            "the reader's drop wakes the waiting copy"
+        );
+        match second.poll() {
+            Poll::Ready(Ok(collected)) => assert_eq!(collected.to_bytes(), "abcdef"),
+            other => panic!("expected the whole body, got {other:?}"),
+        }
     }
 
     #[tokio::test]
@@ -669,45 +519,5 @@ mod tests {
         let spare = body.try_clone_body().unwrap();
         assert!(body.collect().await.is_err());
         assert_eq!(spare.replayable(), Err(ReplayError::Failed));
-    }
-
-    #[test]
-    fn in_memory_bodies_can_be_rebuilt_from_bytes() {
-        let full = Full::new(Bytes::from_static(b"a"));
-        let rebuilt = full.with_bytes(Bytes::from_static(b"b")).unwrap();
-        assert_eq!(rebuilt.in_memory().unwrap(), "b");
-        assert_eq!(
-            String::new().with_bytes(Bytes::from_static(b"s")).unwrap(),
-            "s"
-        );
-        assert!(
-            String::new()
-                .with_bytes(Bytes::from_static(b"\xff"))
-                .is_none()
-        );
-        assert!(
-            Empty::<Bytes>::new()
-                .with_bytes(Bytes::from_static(b"x"))
-                .is_none()
-        );
-    }
-
-    #[test]
-    fn full_bodies_are_read_in_memory_without_a_runtime() {
-        let body = Full::new(Bytes::from_static(b"{\"model\":\"m\"}"));
-        assert_eq!(body.in_memory().unwrap(), "{\"model\":\"m\"}");
-        assert_eq!(Empty::<Bytes>::new().in_memory().unwrap(), "");
-        assert_eq!(String::from("s").in_memory().unwrap(), "s");
-    }
-
-    #[tokio::test]
-    async fn peeked_bodies_yield_prefix_error_then_nothing() {
-        let body = PeekedBody::new(stream(&["c"])).with_prefix([Bytes::from_static(b"ab")]);
-        assert_eq!(body.size_hint().lower(), 2);
-        assert_eq!(body.collect().await.unwrap().to_bytes(), "abc");
-        let body = PeekedBody::new(stream(&["never"]))
-            .with_prefix([Bytes::from_static(b"ab")])
-            .with_error(std::io::Error::other("cut"));
-        assert!(body.collect().await.is_err());
     }
 }
