@@ -467,6 +467,12 @@ impl<B: ReplayableBody> Call<B> {
         body: PeekedBody<R>,
         stop: StopReason,
     ) -> Response<PeekedBody<R>> {
+        // Once the body is the caller's, a silent upstream must end it
+        // with an error rather than leave the caller reading forever.
+        let body = match self.policy.idle_timeout {
+            Some(idle) => body.with_idle_timeout(idle),
+            None => body,
+        };
         let mut response = Response::from_parts(parts, body);
         let report = self.report(stop);
         response.extensions_mut().insert(report);
