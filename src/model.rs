@@ -2,9 +2,10 @@
 //!
 //! [`extract`] and [`rewrite`] work on the raw JSON bytes of a Messages-style
 //! request without parsing it into a tree: they walk the members of the
-//! top-level object only, skip the values of the others (however long the
-//! `messages` array), and stop at `model`. Keys named `model` inside
-//! messages, tools, schemas or metadata never match.
+//! top-level object only and skip the values of the others (however long the
+//! `messages` array). Keys named `model` inside messages, tools, schemas or
+//! metadata never match; a duplicate top-level `model` is read as the API
+//! reads it (the last one wins).
 //!
 //! ```
 //! use tower_overload::model;
@@ -24,31 +25,51 @@ use bytes::Bytes;
 
 use crate::json;
 
-/// The top-level `"model"` string of a JSON object body.
+/// The top-level `"model"` string of a JSON object body: the model the API
+/// will serve.
 ///
 /// Escapes in keys and value are decoded (only then is anything allocated);
-/// whitespace may stand anywhere JSON allows it. `None` for a non-object
-/// top, a missing or non-string `model`, invalid escapes or UTF-8 in the
-/// value, and for JSON that is broken before the `model` member. Members
-/// after `model` are not read. Nesting deeper than 1024 levels before
-/// `model` reads as broken; the scan is iterative, never recursive.
+/// whitespace may stand anywhere JSON allows it. When the key appears more
+/// than once at the top level, the last one counts, as it does for the API's
+/// parser (and serde_json's `Value`); so the whole object is walked, and
+/// values other than `model`s are skipped without being decoded. `None` for
+/// a non-object top, a missing or non-string last `model`, invalid escapes or
+/// UTF-8 in its value, and for a body that is not one well-formed object
+/// followed by whitespace only (the API rejects those). Nesting deeper than
+/// 1024 levels reads as broken; the scan is iterative, never recursive.
 ///
 /// ```
 /// use tower_overload::model::extract;
 ///
 /// assert_eq!(extract(br#"{ "\u006dodel" : "claude-haiku-4-5" }"#).as_deref(), Some("claude-haiku-4-5"));
+/// assert_eq!(extract(br#"{"model":"claude-x","max_tokens":1,"model":"claude-opus-4-6"}"#).as_deref(), Some("claude-opus-4-6"));
 /// assert_eq!(extract(br#"{"metadata":{"model":"nested"}}"#), None);
 /// assert_eq!(extract(br#"{"model": 42}"#), None);
 /// assert_eq!(extract(b"not json"), None);
 /// ```
 pub fn extract(body: &[u8]) -> Option<Cow<'_, str>> {
-    let at = json::find_member(body, 0, "model")?;
-    json::string_at(body, at)?.0.decode()
+    json::string_at(body, last_model(body)?)?.0.decode()
+}
+
+/// The start of the last top-level `model` value; `None` when there is none
+/// or the body is not one well-formed object.
+fn last_model(body: &[u8]) -> Option<usize> {
+    let mut members = json::Members::new(body);
+    let last = members
+        .by_ref()
+        .filter(|(name, _, _)| name.eq_str("model"))
+        .last()
+        .map(|(_, start, _)| start);
+    if members.complete() { last } else { None }
 }
 
 /// `body` with the top-level `model` value replaced by `model`, every other
-/// byte as it was. The new value is escaped as JSON needs. `None` when the
-/// body has no top-level string `model` (see [`extract`]).
+/// byte as it was. The new value is escaped as JSON needs. `None` when
+/// [`extract`] reads no model from the body.
+///
+/// When the key appears more than once at the top level, every occurrence
+/// gets the new value, so no parser can read an older model from the result,
+/// whichever duplicate it keeps.
 ///
 /// ```
 /// use tower_overload::model::rewrite;
@@ -58,19 +79,26 @@ pub fn extract(body: &[u8]) -> Option<Cow<'_, str>> {
 /// assert_eq!(&rewritten[..], br#"{"model" : "claude-sonnet-4-6",  "stream":true}"#);
 ///
 /// assert_eq!(&rewrite(br#"{"model":"a"}"#, "quote\"d").unwrap()[..], br#"{"model":"quote\"d"}"#);
+/// assert_eq!(&rewrite(br#"{"model":"a","model":"b"}"#, "c").unwrap()[..], br#"{"model":"c","model":"c"}"#);
 /// assert!(rewrite(br#"{"stream":true}"#, "x").is_none());
 /// ```
 pub fn rewrite(body: &[u8], model: &str) -> Option<Bytes> {
-    let start = json::find_member(body, 0, "model")?;
-    let (current, end) = json::string_at(body, start)?;
     // A value extract cannot read (a bad escape, invalid UTF-8) is not a model to replace.
-    current.decode()?;
-    let mut out = Vec::with_capacity(body.len() - (end - start) + model.len() + 2);
-    out.extend_from_slice(&body[..start]);
-    out.push(b'"');
-    json::escape_into(model, &mut out);
-    out.push(b'"');
-    out.extend_from_slice(&body[end..]);
+    extract(body)?;
+    let mut value = Vec::with_capacity(model.len() + 2);
+    value.push(b'"');
+    json::escape_into(model, &mut value);
+    value.push(b'"');
+    let mut out = Vec::with_capacity(body.len() + value.len());
+    let mut copied = 0;
+    for (name, start, end) in json::Members::new(body) {
+        if name.eq_str("model") {
+            out.extend_from_slice(&body[copied..start]);
+            out.extend_from_slice(&value);
+            copied = end;
+        }
+    }
+    out.extend_from_slice(&body[copied..]);
     Some(Bytes::from(out))
 }
 
@@ -153,7 +181,13 @@ mod tests {
             (br#"{"model":"a\"b\\c\u00e9\ud83d\ude00"}"#, Some("a\"b\\cé😀")),
             (br#"{"mod\u0065l":"m"}"#, Some("m")),
             (br#"{"models":"no","model":"yes"}"#, Some("yes")),
-            (br#"{"model":"first","model":"second"}"#, Some("first")),
+            // Defect 5: the API, like serde_json's Value, keeps the last duplicate.
+            (br#"{"model":"first","model":"second"}"#, Some("second")),
+            (br#"{"model":"first","x":[{"model":"n"}],"model":"second","y":1}"#, Some("second")),
+            (br#"{"model":"first","model":42}"#, None),
+            (br#"{"model":42,"model":"second"}"#, Some("second")),
+            (br#"{"model":"m","a":[1,2}"#, None),
+            (br#"{"model":"m"} trailing"#, None),
             (br#"{"messages":[{"role":"user","content":[{"type":"text","text":"\"model\":\"x\""}]}],"model":"m"}"#, Some("m")),
             (br#"{"tools":[{"name":"t","input_schema":{"properties":{"model":{"type":"string"}}}}],"model":"m"}"#, Some("m")),
             (br#"{"metadata":{"model":"nested"},"x":[{"model":"n"}]}"#, None),
@@ -227,6 +261,24 @@ mod tests {
         assert!(rewrite(b"garbage", "x").is_none());
     }
 
+    #[test]
+    fn rewrite_leaves_no_other_top_level_model_defect_5() {
+        let body = br#"{"model":"claude-x","max_tokens":1,"metadata":{"model":"keep"},"model":"claude-opus-4-6"}"#;
+        let out = rewrite(body, "claude-haiku-4-5").unwrap();
+        let parsed: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed["model"], "claude-haiku-4-5");
+        assert_eq!(parsed["metadata"]["model"], "keep");
+        assert_eq!(
+            &out[..],
+            br#"{"model":"claude-haiku-4-5","max_tokens":1,"metadata":{"model":"keep"},"model":"claude-haiku-4-5"}"#
+        );
+        // An earlier duplicate of any type is overridden by the last one, so it is replaced too.
+        let out = rewrite(br#"{"model":[1,{"a":2}], "model":"b"}"#, "c").unwrap();
+        assert_eq!(&out[..], br#"{"model":"c", "model":"c"}"#);
+        // The last one decides: not a string, nothing to rewrite.
+        assert!(rewrite(br#"{"model":"a","model":null}"#, "c").is_none());
+    }
+
     fn json_value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
@@ -248,6 +300,45 @@ mod tests {
                 .prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
+    }
+
+    fn member_key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => Just("model".to_owned()),
+            1 => Just("models".to_owned()),
+            1 => Just("Model".to_owned()),
+            2 => "[a-z]{1,6}",
+        ]
+    }
+
+    /// A member's value: a string (as text to escape by hand) or any JSON value.
+    fn member_value() -> impl Strategy<Value = Result<String, Value>> {
+        prop_oneof![
+            3 => "\\PC{0,10}|[\"\\\\\n\u{1}\u{7f}]{0,4}".prop_map(Ok),
+            2 => json_value().prop_map(Err),
+        ]
+    }
+
+    /// `value` as a JSON string literal; bits of `escapes` choose which
+    /// characters are written as `\uXXXX` (surrogate pairs included).
+    fn json_string(value: &str, escapes: u64) -> String {
+        let mut out = String::from("\"");
+        for (i, c) in value.chars().enumerate() {
+            let forced = escapes >> (i % 64) & 1 == 1;
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if forced || u32::from(c) < 0x20 => {
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        out.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
     }
 
     proptest! {
@@ -294,6 +385,51 @@ mod tests {
             // Writing the original back gives the original bytes: nothing else moved.
             let restored = rewrite(&rewritten, &original).unwrap();
             prop_assert_eq!(restored, Bytes::from(body));
+        }
+
+        /// Defect 5: JSON text written by hand so that duplicate keys, escaped
+        /// keys and odd whitespace exist; serde_json's `Value` is the reference
+        /// (it keeps the last duplicate, as the API does).
+        #[test]
+        fn extract_and_rewrite_agree_with_serde_json_on_duplicates(
+            members in proptest::collection::vec((member_key(), member_value(), any::<u8>()), 0..7),
+            spacing in proptest::collection::vec(prop_oneof![Just(""), Just(" "), Just("\n  "), Just("\t")], 8),
+            escapes in any::<u64>(),
+        ) {
+            let mut text = String::from(spacing[0]);
+            text.push('{');
+            for (i, (key, value, salt)) in members.iter().enumerate() {
+                if i > 0 { text.push(','); }
+                text.push_str(spacing[(i + 1) % 8]);
+                text.push_str(&json_string(key, escapes.rotate_left(u32::from(*salt))));
+                text.push_str(spacing[(i + 2) % 8]);
+                text.push(':');
+                text.push_str(spacing[(i + 3) % 8]);
+                match value {
+                    Ok(string) => text.push_str(&json_string(string, escapes ^ u64::from(*salt))),
+                    Err(other) => text.push_str(&other.to_string()),
+                }
+            }
+            text.push_str(spacing[7]);
+            text.push('}');
+            text.push_str(spacing[1]);
+
+            let reference: Value = serde_json::from_str(&text).unwrap();
+            let extracted = extract(text.as_bytes());
+            prop_assert_eq!(extracted.as_deref(), reference["model"].as_str(), "{}", text);
+
+            let replacement = "new \"model\"\n\u{e9}";
+            match rewrite(text.as_bytes(), replacement) {
+                Some(rewritten) => {
+                    let mut reparsed: Value = serde_json::from_slice(&rewritten).unwrap();
+                    prop_assert_eq!(reparsed["model"].as_str(), Some(replacement));
+                    let read_back = extract(&rewritten);
+                    prop_assert_eq!(read_back.as_deref(), Some(replacement));
+                    reparsed["model"] = reference["model"].clone();
+                    prop_assert_eq!(&reparsed, &reference, "{}", text);
+                }
+                None => prop_assert!(reference["model"].as_str().is_none(), "{}", text),
+            }
         }
 
         #[test]
