@@ -413,10 +413,33 @@ fn says_overloaded(body: &[u8]) -> bool {
     let Some(error) = ErrorObject::find(body) else {
         return false;
     };
-    error.kind() == Some("overloaded_error")
-        || error
-            .message()
-            .is_some_and(|m| m.trim_ascii().eq_ignore_ascii_case(b"overloaded"))
+    if error.kind() == Some("overloaded_error") {
+        return true;
+    }
+    let Some(message) = error.message() else {
+        return false;
+    };
+    if message.trim_ascii().eq_ignore_ascii_case(b"overloaded") {
+        return true;
+    }
+    // OpenAI-style servers say it in a sentence ("The engine is currently
+    // overloaded, please try again later"). Only a server-error type and a
+    // phrase about the service's state count: "overloaded" alone appears in
+    // messages about a request ("context overloaded with images").
+    const PHRASES: [&[u8]; 4] = [
+        b"currently overloaded",
+        b"is overloaded",
+        b"are overloaded",
+        b"engine_overloaded",
+    ];
+    let server_kind = matches!(
+        error.kind(),
+        None | Some("server_error" | "api_error" | "service_unavailable" | "engine_overloaded")
+    );
+    server_kind
+        && PHRASES
+            .iter()
+            .any(|phrase| contains_ignore_ascii_case(message, phrase))
 }
 
 fn says_spend_limit(body: &[u8]) -> bool {
@@ -740,6 +763,85 @@ mod tests {
         assert_eq!(decoded.len(), MAX_SNIFF_BYTES);
         // The type came before the padding, inside the window.
         assert_eq!(error_type(&decoded), Some("overloaded_error"));
+    }
+
+    #[test]
+    fn openai_style_overloads_defect_11() {
+        let body = |kind: &str, message: &str| {
+            serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+                .to_string()
+        };
+        let cases = [
+            (
+                503,
+                body(
+                    "server_error",
+                    "The engine is currently overloaded, please try again later",
+                ),
+                Class::Overloaded,
+            ),
+            (
+                500,
+                body(
+                    "server_error",
+                    "That model is currently overloaded with other requests. You can retry your request.",
+                ),
+                Class::Overloaded,
+            ),
+            (
+                503,
+                body("server_error", "The server is overloaded or not ready yet."),
+                Class::Overloaded,
+            ),
+            (
+                503,
+                r#"{"error":{"message":"The engine is currently overloaded"}}"#.to_owned(),
+                Class::Overloaded,
+            ),
+            (
+                500,
+                body(
+                    "server_error",
+                    "The server had an error while processing your request.",
+                ),
+                Class::ServerError,
+            ),
+            (
+                500,
+                body(
+                    "invalid_request_error",
+                    "The engine is currently overloaded",
+                ),
+                Class::ServerError,
+            ),
+            (
+                500,
+                body("api_error", "Prompt overloaded with images"),
+                Class::ServerError,
+            ),
+            (
+                500,
+                body("server_error", "overloads: none"),
+                Class::ServerError,
+            ),
+            (
+                429,
+                body("server_error", "The engine is currently overloaded"),
+                Class::RateLimited,
+            ),
+            (
+                400,
+                body("server_error", "The engine is currently overloaded"),
+                Class::Client(ClientKind::InvalidRequest),
+            ),
+        ];
+        for (code, body, class) in cases {
+            assert_eq!(
+                classify(status(code), &HeaderMap::new(), Some(body.as_bytes())).class,
+                class,
+                "{code} {body}"
+            );
+        }
     }
 
     #[test]
