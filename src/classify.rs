@@ -191,7 +191,7 @@ pub struct Hints {
     pub should_retry: Option<bool>,
     /// The attempt's `request-id`.
     pub request_id: Option<RequestId>,
-    /// The `anthropic-ratelimit-*` state.
+    /// The `anthropic-ratelimit-*` state, and the OpenAI-style `x-ratelimit-*` windows.
     pub rate_limits: RateLimits,
 }
 
@@ -216,7 +216,7 @@ impl Hints {
             server_delay: headers::server_delay(headers, now),
             should_retry: headers::should_retry(headers),
             request_id: headers::request_id(headers),
-            rate_limits: RateLimits::from_headers(headers),
+            rate_limits: RateLimits::from_headers_at(headers, now),
         }
     }
 

@@ -364,7 +364,26 @@ pub struct RateLimits {
     pub input_tokens: RateLimitWindow,
     /// `anthropic-ratelimit-output-tokens-*`.
     pub output_tokens: RateLimitWindow,
+    /// OpenAI-style `x-ratelimit-{limit,remaining,reset}-requests`, read by
+    /// [`from_headers_at`](Self::from_headers_at) only (the reset is a duration
+    /// such as `1m30s`, anchored at `now`).
+    pub openai_requests: RateLimitWindow,
+    /// OpenAI-style `x-ratelimit-{limit,remaining,reset}-tokens` (see `openai_requests`).
+    pub openai_tokens: RateLimitWindow,
 }
+
+const OPENAI_RATE_LIMIT_HEADERS: [[HeaderName; 3]; 2] = [
+    [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ],
+    [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ],
+];
 
 const RATE_LIMIT_HEADERS: [[HeaderName; 3]; 4] = [
     [
@@ -410,6 +429,39 @@ impl RateLimits {
             tokens: window(&RATE_LIMIT_HEADERS[1]),
             input_tokens: window(&RATE_LIMIT_HEADERS[2]),
             output_tokens: window(&RATE_LIMIT_HEADERS[3]),
+            openai_requests: RateLimitWindow::default(),
+            openai_tokens: RateLimitWindow::default(),
+        }
+    }
+
+    /// The whole family, and the OpenAI-style `x-ratelimit-*` windows, whose
+    /// resets are durations (`20s`, `1m30s`, `250ms`, `2h1m`) counted from `now`.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use http::HeaderMap;
+    /// use tower_overload::headers::RateLimits;
+    ///
+    /// let now = SystemTime::now();
+    /// let mut map = HeaderMap::new();
+    /// map.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
+    /// map.insert("x-ratelimit-reset-requests", "1m30s".parse().unwrap());
+    /// let limits = RateLimits::from_headers_at(&map, now);
+    /// assert_eq!(limits.exhausted_for(now), Some(Duration::from_secs(90)));
+    /// ```
+    pub fn from_headers_at(headers: &HeaderMap, now: SystemTime) -> Self {
+        let window = |names: &[HeaderName; 3]| RateLimitWindow {
+            limit: headers.get(&names[0]).and_then(count),
+            remaining: headers.get(&names[1]).and_then(count),
+            reset: headers
+                .get(&names[2])
+                .and_then(|v| reset_duration(v.as_bytes()))
+                .and_then(|after| now.checked_add(after)),
+        };
+        Self {
+            openai_requests: window(&OPENAI_RATE_LIMIT_HEADERS[0]),
+            openai_tokens: window(&OPENAI_RATE_LIMIT_HEADERS[1]),
+            ..Self::from_headers(headers)
         }
     }
 
@@ -444,14 +496,59 @@ impl RateLimits {
             .max()
     }
 
-    fn windows(&self) -> [RateLimitWindow; 4] {
+    fn windows(&self) -> [RateLimitWindow; 6] {
         [
             self.requests,
             self.tokens,
             self.input_tokens,
             self.output_tokens,
+            self.openai_requests,
+            self.openai_tokens,
         ]
     }
+}
+
+/// A duration as OpenAI-style reset headers write it: one or more
+/// `<number><unit>` parts, units `h`, `m`, `s`, `ms` (`20s`, `1m30s`, `1.5s`,
+/// `250ms`, `2h1m`), or a bare number of seconds. `None` for anything else,
+/// negatives and overflow.
+fn reset_duration(bytes: &[u8]) -> Option<Duration> {
+    let text = std::str::from_utf8(bytes.trim_ascii()).ok()?;
+    if text.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = text.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::try_from_secs_f64(secs).ok())
+            .flatten();
+    }
+    let mut rest = text;
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (number, after) = rest.split_at(number_len);
+        let unit_len = after
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_len);
+        let scale = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            _ => return None,
+        };
+        if number.is_empty() || number.starts_with('.') && number.len() == 1 {
+            return None;
+        }
+        let value: f64 = number.parse().ok()?;
+        let part = Duration::try_from_secs_f64(value * scale).ok()?;
+        total = total.checked_add(part)?;
+        rest = after;
+    }
+    Some(total)
 }
 
 fn count(value: &HeaderValue) -> Option<u64> {
@@ -791,6 +888,58 @@ mod tests {
                 prop_assert_eq!(reference.map(|at| at.duration_since(UNIX_EPOCH).unwrap()), Some(instant), "{}", fixed);
             }
         }
+    }
+
+    #[test]
+    fn openai_reset_durations_defect_11() {
+        let ms = Duration::from_millis;
+        let cases: &[(&str, Option<Duration>)] = &[
+            ("20s", Some(ms(20_000))),
+            ("1m30s", Some(ms(90_000))),
+            ("6m0s", Some(ms(360_000))),
+            ("1.5s", Some(ms(1500))),
+            ("250ms", Some(ms(250))),
+            ("2h1m", Some(ms(7_260_000))),
+            ("17ms", Some(ms(17))),
+            ("0s", Some(Duration::ZERO)),
+            ("3", Some(ms(3000))),
+            (" 5s ", Some(ms(5000))),
+            ("", None),
+            ("s", None),
+            ("5x", None),
+            ("5 s", None),
+            ("-5s", None),
+            ("1m-30s", None),
+            (".s", None),
+            ("1e400h", None),
+            ("inf", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(reset_duration(text.as_bytes()), *expected, "{text:?}");
+        }
+        let now = UNIX_EPOCH + Duration::from_secs(DATE_SECS);
+        let headers = map(&[
+            ("x-ratelimit-limit-requests", "60"),
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "1m30s"),
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-tokens", "6.5s"),
+        ]);
+        let limits = RateLimits::from_headers_at(&headers, now);
+        assert_eq!(limits.openai_requests.limit, Some(60));
+        assert_eq!(limits.exhausted_for(now), Some(Duration::from_secs(90)));
+        assert!(
+            RateLimits::from_headers(&headers).is_empty(),
+            "durations need a now"
+        );
+        let not_exhausted = map(&[
+            ("x-ratelimit-remaining-requests", "3"),
+            ("x-ratelimit-reset-requests", "20s"),
+        ]);
+        assert_eq!(
+            RateLimits::from_headers_at(&not_exhausted, now).exhausted_for(now),
+            None
+        );
     }
 
     #[test]
