@@ -130,7 +130,8 @@ impl Model {
         Self(name.into())
     }
 
-    /// The name as text.
+    /// The name as text, raw: what routing and keys use. Show it with
+    /// `Display`, which escapes it for logs.
     ///
     /// ```
     /// # use tower_overload::Model;
@@ -141,15 +142,92 @@ impl Model {
     }
 }
 
+/// The most bytes of a model name that [`Model`]'s `Display` and `Debug` show
+/// before cutting it with `…`.
+///
+/// ```
+/// use tower_overload::{Model, model::MAX_MODEL_DISPLAY_LEN};
+/// let shown = Model::new("m".repeat(500)).to_string();
+/// assert_eq!(shown.len(), MAX_MODEL_DISPLAY_LEN + '…'.len_utf8());
+/// ```
+pub const MAX_MODEL_DISPLAY_LEN: usize = 128;
+
+/// Whether `c` must not reach a log as it is: control characters (line
+/// breaks, escape sequences) and the invisible format characters that can
+/// reorder or hide text in a terminal (bidi overrides, zero-width marks).
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\\'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        )
+}
+
+/// `name` with [`needs_escape`] characters escaped (`\n`, `\u{1b}`),
+/// at most [`MAX_MODEL_DISPLAY_LEN`] bytes of it, then `…` if cut.
+fn write_log_safe(name: &str, f: &mut dyn fmt::Write) -> fmt::Result {
+    let mut written = 0;
+    let mut buf = [0u8; 4];
+    for c in name.chars() {
+        let escaped;
+        let piece: &str = match c {
+            '\n' => "\\n",
+            '\r' => "\\r",
+            '\t' => "\\t",
+            '\\' => "\\\\",
+            c if needs_escape(c) => {
+                escaped = format!("\\u{{{:x}}}", u32::from(c));
+                &escaped
+            }
+            c => c.encode_utf8(&mut buf),
+        };
+        if written + piece.len() > MAX_MODEL_DISPLAY_LEN {
+            return f.write_str("…");
+        }
+        f.write_str(piece)?;
+        written += piece.len();
+    }
+    Ok(())
+}
+
 impl fmt::Debug for Model {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Model").field(&self.as_str()).finish()
+        f.write_str("Model(\"")?;
+        // Quotes too, so the Debug form stays one unambiguous token.
+        let mut safe = String::new();
+        write_log_safe(self.as_str(), &mut safe)?;
+        f.write_str(&safe.replace('"', "\\\""))?;
+        f.write_str("\")")
     }
 }
 
+/// The log-safe rendering: a name from a request body can hold anything, so
+/// control and invisible format characters are escaped (`x\nINFO forged` is
+/// shown as `x\\nINFO forged`, one line) and a long name is cut at
+/// [`MAX_MODEL_DISPLAY_LEN`] bytes with `…`. Logs, error messages and the
+/// fallback's warnings all show a model this way; [`Model::as_str`] is the raw
+/// name, for routing and keys.
+///
+/// ```
+/// use tower_overload::Model;
+///
+/// assert_eq!(Model::new("claude-opus-4-6").to_string(), "claude-opus-4-6");
+/// assert_eq!(Model::new("x\nINFO forged").to_string(), "x\\nINFO forged");
+/// assert!(Model::new("m".repeat(1000)).to_string().ends_with('…'));
+/// assert_eq!(Model::new("x\nINFO forged").as_str(), "x\nINFO forged");
+/// ```
 impl fmt::Display for Model {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        let name = self.as_str();
+        if name.len() <= MAX_MODEL_DISPLAY_LEN && !name.chars().any(needs_escape) {
+            return f.write_str(name);
+        }
+        write_log_safe(name, f)
     }
 }
 
@@ -211,6 +289,44 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(body)
             );
+        }
+    }
+
+    #[test]
+    fn display_is_log_safe_defect_11() {
+        let cases: &[(&str, &str)] = &[
+            ("claude-opus-4-6", "claude-opus-4-6"),
+            ("x\nINFO forged", "x\\nINFO forged"),
+            ("a\rb\tc\\d", "a\\rb\\tc\\\\d"),
+            ("\u{1b}[31mred", "\\u{1b}[31mred"),
+            ("bidi\u{202e}txt", "bidi\\u{202e}txt"),
+            ("zero\u{200b}width\u{85}", "zero\\u{200b}width\\u{85}"),
+            ("caf\u{e9} \u{1f600}", "caf\u{e9} \u{1f600}"),
+        ];
+        for (name, shown) in cases {
+            assert_eq!(Model::new(*name).to_string(), *shown, "{name:?}");
+            assert_eq!(Model::new(*name).as_str(), *name);
+        }
+        let long = Model::new("é".repeat(200)).to_string();
+        assert!(
+            long.len() <= MAX_MODEL_DISPLAY_LEN + '…'.len_utf8(),
+            "{}",
+            long.len()
+        );
+        assert!(long.ends_with('…'));
+        let escapes = Model::new("\n".repeat(200)).to_string();
+        assert!(escapes.len() <= MAX_MODEL_DISPLAY_LEN + 3 && !escapes.contains('\n'));
+        assert_eq!(format!("{:?}", Model::new("a\"\nb")), r#"Model("a\"\nb")"#);
+    }
+
+    proptest! {
+        #[test]
+        fn display_never_holds_a_control_character(name in "\\PC{0,40}|[\\x00-\\x1f\\x7f-\\u{9f}\\u{2028}\\u{202e}a-z]{0,300}") {
+            let model = Model::new(name.as_str());
+            for shown in [model.to_string(), format!("{model:?}")] {
+                prop_assert!(!shown.chars().any(|c| c.is_control()), "{:?}", shown);
+                prop_assert!(shown.len() <= MAX_MODEL_DISPLAY_LEN + 20);
+            }
         }
     }
 
