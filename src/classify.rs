@@ -21,10 +21,13 @@
 //! assert_eq!(verdict.class, Class::Overloaded);
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
+use std::io::Read;
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, StatusCode, header::RETRY_AFTER};
+use http::header::{CONTENT_ENCODING, RETRY_AFTER};
+use http::{HeaderMap, StatusCode};
 
 use crate::headers::{self, RETRY_AFTER_MS, RateLimits, RequestId};
 use crate::json;
@@ -188,7 +191,7 @@ pub struct Hints {
     pub should_retry: Option<bool>,
     /// The attempt's `request-id`.
     pub request_id: Option<RequestId>,
-    /// The `anthropic-ratelimit-*` state.
+    /// The `anthropic-ratelimit-*` state, and the OpenAI-style `x-ratelimit-*` windows.
     pub rate_limits: RateLimits,
 }
 
@@ -213,7 +216,7 @@ impl Hints {
             server_delay: headers::server_delay(headers, now),
             should_retry: headers::should_retry(headers),
             request_id: headers::request_id(headers),
-            rate_limits: RateLimits::from_headers(headers),
+            rate_limits: RateLimits::from_headers_at(headers, now),
         }
     }
 
@@ -282,6 +285,97 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: Option<&[u8]>) ->
     }
 }
 
+/// [`classify`] with a bounded prefix of the body as it came on the wire,
+/// decoded first when `content-encoding` says it is compressed.
+///
+/// `gzip` (and `x-gzip`) and `deflate` (zlib-wrapped as HTTP means it, or
+/// raw deflate as some servers send it) are decoded, at most
+/// [`MAX_SNIFF_BYTES`] of output, so a small bomb cannot expand into memory.
+/// A stream that does not decode, several stacked encodings, and encodings
+/// this crate does not decode (`br`, `zstd`, ...) are classified by status and
+/// headers alone, as if there were no body. Nothing here changes the body the
+/// caller receives: that is always the bytes as they came.
+///
+/// ```
+/// use std::io::Write;
+/// use http::{HeaderMap, HeaderValue, StatusCode};
+/// use tower_overload::classify::{classify_body, Class};
+///
+/// let body = br#"{"type":"error","error":{"type":"api_error","message":"Overloaded"}}"#;
+/// let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+/// gzip.write_all(body).unwrap();
+/// let compressed = gzip.finish().unwrap();
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("content-encoding", HeaderValue::from_static("gzip"));
+/// let verdict = classify_body(StatusCode::INTERNAL_SERVER_ERROR, &headers, &compressed);
+/// assert_eq!(verdict.class, Class::Overloaded);
+///
+/// headers.insert("content-encoding", HeaderValue::from_static("br"));
+/// let verdict = classify_body(StatusCode::INTERNAL_SERVER_ERROR, &headers, &compressed);
+/// assert_eq!(verdict.class, Class::ServerError, "undecodable: status only");
+/// ```
+pub fn classify_body(status: StatusCode, headers: &HeaderMap, raw_prefix: &[u8]) -> Classification {
+    match decoded_prefix(headers, raw_prefix) {
+        Some(body) => classify(status, headers, Some(&body)),
+        None => classify(status, headers, None),
+    }
+}
+
+/// The body prefix to read, decoded as `content-encoding` says; `None` when
+/// it cannot be decoded.
+fn decoded_prefix<'a>(headers: &HeaderMap, raw: &'a [u8]) -> Option<Cow<'a, [u8]>> {
+    let mut codings = headers
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&c| c == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"));
+    let Some(coding) = codings.next() else {
+        return Some(Cow::Borrowed(raw));
+    };
+    if codings.next().is_some() {
+        return None;
+    }
+    let raw = sniff_window(raw);
+    let decoded = if coding.eq_ignore_ascii_case(b"gzip") || coding.eq_ignore_ascii_case(b"x-gzip")
+    {
+        read_bounded(flate2::read::GzDecoder::new(raw))
+    } else if coding.eq_ignore_ascii_case(b"deflate") {
+        read_bounded(flate2::read::ZlibDecoder::new(raw))
+            .or_else(|| read_bounded(flate2::read::DeflateDecoder::new(raw)))
+    } else {
+        None
+    };
+    decoded.map(Cow::Owned)
+}
+
+/// Up to [`MAX_SNIFF_BYTES`] of what `decoder` yields; `None` if it fails first.
+fn read_bounded(decoder: impl Read) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    // `take` stops the decoder at the cap: a bomb costs at most this much output.
+    decoder
+        .take(MAX_SNIFF_BYTES as u64)
+        .read_to_end(&mut out)
+        .ok()?;
+    Some(out)
+}
+
+/// Whether a prefix of the body can change the class `classify` gave from the
+/// status and headers alone: a 5xx may say overloaded, a 429 without a delay
+/// may be a spend limit. The server's `x-should-retry` plays no part: it says
+/// whether to retry, the body says which class (and so the backoff, the
+/// fallback and the adaptive limit).
+pub(crate) fn body_may_change(class: Class, headers: &HeaderMap) -> bool {
+    match class {
+        Class::ServerError => true,
+        Class::RateLimited => {
+            !headers.contains_key(RETRY_AFTER) && !headers.contains_key(RETRY_AFTER_MS)
+        }
+        _ => false,
+    }
+}
+
 fn class_of(status: StatusCode, headers: &HeaderMap, body: Option<&[u8]>) -> Class {
     let code = status.as_u16();
     match code {
@@ -319,10 +413,33 @@ fn says_overloaded(body: &[u8]) -> bool {
     let Some(error) = ErrorObject::find(body) else {
         return false;
     };
-    error.kind() == Some("overloaded_error")
-        || error
-            .message()
-            .is_some_and(|m| m.trim_ascii().eq_ignore_ascii_case(b"overloaded"))
+    if error.kind() == Some("overloaded_error") {
+        return true;
+    }
+    let Some(message) = error.message() else {
+        return false;
+    };
+    if message.trim_ascii().eq_ignore_ascii_case(b"overloaded") {
+        return true;
+    }
+    // OpenAI-style servers say it in a sentence ("The engine is currently
+    // overloaded, please try again later"). Only a server-error type and a
+    // phrase about the service's state count: "overloaded" alone appears in
+    // messages about a request ("context overloaded with images").
+    const PHRASES: [&[u8]; 4] = [
+        b"currently overloaded",
+        b"is overloaded",
+        b"are overloaded",
+        b"engine_overloaded",
+    ];
+    let server_kind = matches!(
+        error.kind(),
+        None | Some("server_error" | "api_error" | "service_unavailable" | "engine_overloaded")
+    );
+    server_kind
+        && PHRASES
+            .iter()
+            .any(|phrase| contains_ignore_ascii_case(message, phrase))
 }
 
 fn says_spend_limit(body: &[u8]) -> bool {
@@ -515,6 +632,219 @@ mod tests {
     }
 
     #[test]
+    fn server_verdict_does_not_hide_the_body_defect_6() {
+        for verdict in ["true", "false"] {
+            let map = headers(&[("x-should-retry", verdict)]);
+            let status_only = classify(status(500), &map, None);
+            assert!(body_may_change(status_only.class, &map), "{verdict}");
+            let read = classify(status(500), &map, Some(API_ERROR_OVERLOADED));
+            assert_eq!(read.class, Class::Overloaded, "{verdict}");
+            assert_eq!(read.retryable, verdict == "true");
+            let spend = classify(status(429), &map, Some(SPEND_LIMIT));
+            assert!(body_may_change(Class::RateLimited, &map));
+            assert_eq!(spend.class, Class::Client(ClientKind::SpendLimit));
+        }
+        let told = headers(&[("retry-after", "1")]);
+        assert!(!body_may_change(Class::RateLimited, &told));
+        assert!(!body_may_change(Class::Overloaded, &HeaderMap::new()));
+    }
+
+    fn compress(encoding: &str, body: &[u8]) -> Vec<u8> {
+        use flate2::Compression;
+        use std::io::Write;
+        match encoding {
+            "gzip" => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), Compression::default());
+                e.write_all(body).unwrap();
+                e.finish().unwrap()
+            }
+            "deflate" => {
+                let mut e = flate2::write::ZlibEncoder::new(Vec::new(), Compression::default());
+                e.write_all(body).unwrap();
+                e.finish().unwrap()
+            }
+            "raw-deflate" => {
+                let mut e = flate2::write::DeflateEncoder::new(Vec::new(), Compression::default());
+                e.write_all(body).unwrap();
+                e.finish().unwrap()
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn compressed_bodies_are_read_decoded_defect_7() {
+        use Class::*;
+        let gz = |body| compress("gzip", body);
+        let cases: Vec<(u16, &str, Vec<u8>, Class)> = vec![
+            (500, "gzip", gz(API_ERROR_OVERLOADED), Overloaded),
+            (500, "GZIP", gz(API_ERROR_OVERLOADED), Overloaded),
+            (500, "x-gzip", gz(API_ERROR_OVERLOADED), Overloaded),
+            (503, "gzip", gz(OVERLOADED_BODY), Overloaded),
+            (
+                500,
+                "deflate",
+                compress("deflate", API_ERROR_OVERLOADED),
+                Overloaded,
+            ),
+            (
+                500,
+                "deflate",
+                compress("raw-deflate", API_ERROR_OVERLOADED),
+                Overloaded,
+            ),
+            (500, "identity", API_ERROR_OVERLOADED.to_vec(), Overloaded),
+            (500, "gzip", gz(API_ERROR), ServerError),
+            (429, "gzip", gz(SPEND_LIMIT), Client(ClientKind::SpendLimit)),
+            (
+                429,
+                " gzip ",
+                gz(OPENAI_QUOTA),
+                Client(ClientKind::SpendLimit),
+            ),
+            // Undecodable: the status alone.
+            (500, "br", gz(API_ERROR_OVERLOADED), ServerError),
+            (500, "zstd", API_ERROR_OVERLOADED.to_vec(), ServerError),
+            (500, "gzip", API_ERROR_OVERLOADED.to_vec(), ServerError),
+            (
+                500,
+                "gzip, gzip",
+                gz(&gz(API_ERROR_OVERLOADED)),
+                ServerError,
+            ),
+            (429, "br", SPEND_LIMIT.to_vec(), RateLimited),
+            (500, "gzip", Vec::new(), ServerError),
+        ];
+        for (code, encoding, body, class) in cases {
+            let map: HeaderMap = [(CONTENT_ENCODING, HeaderValue::from_str(encoding).unwrap())]
+                .into_iter()
+                .collect();
+            assert_eq!(
+                classify_body(status(code), &map, &body).class,
+                class,
+                "{code} {encoding}"
+            );
+        }
+        assert_eq!(
+            classify_body(status(500), &HeaderMap::new(), API_ERROR_OVERLOADED).class,
+            Overloaded
+        );
+    }
+
+    #[test]
+    fn broken_gzip_falls_back_to_the_status_defect_7() {
+        let good = compress("gzip", API_ERROR_OVERLOADED);
+        let map: HeaderMap = [(CONTENT_ENCODING, HeaderValue::from_static("gzip"))]
+            .into_iter()
+            .collect();
+        for cut in 0..good.len() {
+            let verdict = classify_body(status(500), &map, &good[..cut]);
+            assert_eq!(verdict.class, Class::ServerError, "cut at {cut}");
+        }
+        for flip in 0..good.len() {
+            let mut bad = good.clone();
+            bad[flip] ^= 0x55;
+            // Whatever a corrupt stream decodes to, it never panics.
+            let _ = classify_body(status(500), &map, &bad);
+        }
+    }
+
+    #[test]
+    fn a_gzip_bomb_decodes_at_most_the_sniff_window_defect_7() {
+        // 64 MiB of zeros compress to about 64 KiB; only the window is decoded.
+        let mut bomb = br#"{"type":"error","error":{"type":"overloaded_error","pad":""#.to_vec();
+        bomb.resize(64 << 20, b' ');
+        let compressed = compress("gzip", &bomb);
+        assert!(compressed.len() < MAX_SNIFF_BYTES * 2);
+        let map: HeaderMap = [(CONTENT_ENCODING, HeaderValue::from_static("gzip"))]
+            .into_iter()
+            .collect();
+        let decoded = decoded_prefix(&map, &compressed).unwrap();
+        assert_eq!(decoded.len(), MAX_SNIFF_BYTES);
+        // The type came before the padding, inside the window.
+        assert_eq!(error_type(&decoded), Some("overloaded_error"));
+    }
+
+    #[test]
+    fn openai_style_overloads_defect_11() {
+        let body = |kind: &str, message: &str| {
+            serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+                .to_string()
+        };
+        let cases = [
+            (
+                503,
+                body(
+                    "server_error",
+                    "The engine is currently overloaded, please try again later",
+                ),
+                Class::Overloaded,
+            ),
+            (
+                500,
+                body(
+                    "server_error",
+                    "That model is currently overloaded with other requests. You can retry your request.",
+                ),
+                Class::Overloaded,
+            ),
+            (
+                503,
+                body("server_error", "The server is overloaded or not ready yet."),
+                Class::Overloaded,
+            ),
+            (
+                503,
+                r#"{"error":{"message":"The engine is currently overloaded"}}"#.to_owned(),
+                Class::Overloaded,
+            ),
+            (
+                500,
+                body(
+                    "server_error",
+                    "The server had an error while processing your request.",
+                ),
+                Class::ServerError,
+            ),
+            (
+                500,
+                body(
+                    "invalid_request_error",
+                    "The engine is currently overloaded",
+                ),
+                Class::ServerError,
+            ),
+            (
+                500,
+                body("api_error", "Prompt overloaded with images"),
+                Class::ServerError,
+            ),
+            (
+                500,
+                body("server_error", "overloads: none"),
+                Class::ServerError,
+            ),
+            (
+                429,
+                body("server_error", "The engine is currently overloaded"),
+                Class::RateLimited,
+            ),
+            (
+                400,
+                body("server_error", "The engine is currently overloaded"),
+                Class::Client(ClientKind::InvalidRequest),
+            ),
+        ];
+        for (code, body, class) in cases {
+            assert_eq!(
+                classify(status(code), &HeaderMap::new(), Some(body.as_bytes())).class,
+                class,
+                "{code} {body}"
+            );
+        }
+    }
+
+    #[test]
     fn hints_prefer_the_explicit_delay() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_417_200);
         let map = headers(&[
@@ -623,6 +953,10 @@ mod tests {
         #[test]
         fn error_type_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = error_type(&body);
+            for encoding in ["gzip", "deflate"] {
+                let map: HeaderMap = [(CONTENT_ENCODING, HeaderValue::from_static(encoding))].into_iter().collect();
+                let _ = classify_body(status(500), &map, &body);
+            }
             let _ = classify(status(500), &HeaderMap::new(), Some(&body));
             let _ = classify(status(429), &HeaderMap::new(), Some(&body));
         }

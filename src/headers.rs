@@ -2,8 +2,9 @@
 //!
 //! Every function here is pure: it reads a [`HeaderMap`] (and, where a date is
 //! involved, a `now` you pass in) and never panics on odd values. Garbage,
-//! negative, non-finite and overflowing values read as absent (`None`), so a
-//! hostile or broken server cannot make a client wait forever. Bounds (such as
+//! negative and NaN values read as absent (`None`); an infinite or overflowing
+//! delay reads as [`Duration::MAX`](std::time::Duration::MAX), so the retry
+//! policy's bound stops the call instead of retrying at once. Bounds (such as
 //! "use a server delay only up to 60 s") belong to the retry policy, not here.
 //!
 //! ```
@@ -40,11 +41,14 @@ pub const MAX_REQUEST_ID_LEN: usize = 256;
 
 /// The delay the server asked for, if any.
 ///
-/// `retry-after-ms` is read first (milliseconds, fractions allowed); when it is
-/// absent or unreadable, `retry-after` is read as seconds (integer or fraction)
-/// or as an HTTP-date in any of the three forms of RFC 9110, relative to `now`.
-/// A date in the past gives [`Duration::ZERO`]. Negative, NaN, infinite,
-/// overflowing or garbage values give `None`. No cap is applied here.
+/// `retry-after-ms` is read first (milliseconds); when it is absent or
+/// unreadable, `retry-after` is read as seconds or as an HTTP-date in any of
+/// the three forms of RFC 9110, relative to `now`. Numbers are read as the
+/// official SDK's `float()` reads them (`+1`, `.5`, `5.`, `1e3`, `1_000`,
+/// `inf`); plain decimals exactly, to the nanosecond. A date in the past gives
+/// [`Duration::ZERO`]. An infinite or overflowing number gives
+/// [`Duration::MAX`]: the server asked for longer than any policy waits.
+/// Negative, NaN or garbage values give `None`. No cap is applied here.
 ///
 /// ```
 /// use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -58,6 +62,9 @@ pub const MAX_REQUEST_ID_LEN: usize = 256;
 ///
 /// map.insert("retry-after-ms", "1500.5".parse().unwrap());
 /// assert_eq!(server_delay(&map, now), Some(Duration::from_micros(1_500_500)));
+///
+/// map.insert("retry-after-ms", "1e300".parse().unwrap());
+/// assert_eq!(server_delay(&map, now), Some(Duration::MAX));
 ///
 /// map.insert("retry-after-ms", "-1".parse().unwrap());
 /// map.insert("retry-after", "soon".parse().unwrap());
@@ -73,7 +80,8 @@ pub fn server_delay(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
         .and_then(|value| retry_after(value, now))
 }
 
-/// Parses one `retry-after-ms` value: milliseconds, fractions allowed.
+/// Parses one `retry-after-ms` value: milliseconds, any number `float()` reads
+/// (see [`server_delay`]).
 ///
 /// ```
 /// use std::time::Duration;
@@ -81,19 +89,27 @@ pub fn server_delay(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 /// use tower_overload::headers::retry_after_ms;
 ///
 /// assert_eq!(retry_after_ms(&HeaderValue::from_static("250")), Some(Duration::from_millis(250)));
+/// assert_eq!(retry_after_ms(&HeaderValue::from_static("2.5e2")), Some(Duration::from_millis(250)));
+/// assert_eq!(retry_after_ms(&HeaderValue::from_static("inf")), Some(Duration::MAX));
 /// assert_eq!(retry_after_ms(&HeaderValue::from_static("NaN")), None);
 /// ```
 pub fn retry_after_ms(value: &HeaderValue) -> Option<Duration> {
-    let (whole, nanos) = parse_decimal(value.as_bytes())?;
-    // `nanos` is the fraction of one millisecond in billionths.
-    let micros = whole
-        .checked_mul(1000)?
-        .checked_add(u64::from(nanos) / 1_000_000)?;
-    let extra_nanos = u64::from(nanos % 1_000_000) / 1000;
-    Some(Duration::from_micros(micros) + Duration::from_nanos(extra_nanos))
+    if let Some((whole, nanos)) = parse_decimal(value.as_bytes()) {
+        // `nanos` is the fraction of one millisecond in billionths.
+        let exact = whole.checked_mul(1000).and_then(|micros| {
+            let micros = micros.checked_add(u64::from(nanos) / 1_000_000)?;
+            let extra_nanos = u64::from(nanos % 1_000_000) / 1000;
+            Duration::from_micros(micros).checked_add(Duration::from_nanos(extra_nanos))
+        });
+        if let Some(delay) = exact {
+            return Some(delay);
+        }
+    }
+    float_seconds(python_float(value.as_bytes())? / 1000.0)
 }
 
-/// Parses one `retry-after` value: seconds (integer or fraction) or an HTTP-date.
+/// Parses one `retry-after` value: seconds (any number `float()` reads, see
+/// [`server_delay`]) or an HTTP-date.
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};
@@ -102,15 +118,61 @@ pub fn retry_after_ms(value: &HeaderValue) -> Option<Duration> {
 ///
 /// let now = SystemTime::now();
 /// assert_eq!(retry_after(&HeaderValue::from_static("2.5"), now), Some(Duration::from_millis(2500)));
+/// assert_eq!(retry_after(&HeaderValue::from_static("99999999999999999999"), now), Some(Duration::MAX));
 /// assert_eq!(retry_after(&HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"), now), Some(Duration::ZERO));
 /// ```
 pub fn retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
     let bytes = value.as_bytes();
+    // The plain form exactly (to the nanosecond, however many seconds), any
+    // other number as the SDK's float() reads it, else a date.
     if let Some((secs, nanos)) = parse_decimal(bytes) {
         return Some(Duration::new(secs, nanos));
     }
+    if let Some(secs) = python_float(bytes) {
+        return float_seconds(secs);
+    }
     let date = parse_http_date(bytes)?;
     Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// A number as Python's `float()` reads it, which is how the official SDK
+/// reads these headers: surrounding whitespace, a sign, `.5` and `5.`,
+/// exponents, single underscores between digits, and `inf`, `infinity` and
+/// `nan` in any case. `None` for anything float() refuses.
+fn python_float(bytes: &[u8]) -> Option<f64> {
+    let text = bytes.trim_ascii();
+    let mut cleaned = String::with_capacity(text.len());
+    for (at, &c) in text.iter().enumerate() {
+        if c == b'_' {
+            let between_digits = at > 0
+                && text[at - 1].is_ascii_digit()
+                && text.get(at + 1).is_some_and(u8::is_ascii_digit);
+            if !between_digits {
+                return None;
+            }
+        } else if c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.') {
+            cleaned.push(char::from(c));
+        } else {
+            return None;
+        }
+    }
+    // Once the underscores are gone, Rust's grammar for f64 is float()'s.
+    cleaned.parse().ok()
+}
+
+/// A delay of `secs` seconds: `None` for NaN and negatives (no delay was
+/// given), [`Duration::MAX`] for infinite or overflowing values (the server
+/// asked for longer than anything, which the retry policy reads as too long
+/// rather than as no delay at all).
+fn float_seconds(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    if secs == 0.0 {
+        // Also -0.0, which `try_from_secs_f64` refuses as negative.
+        return Some(Duration::ZERO);
+    }
+    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
 }
 
 /// `headers.get(name)`, by a linear scan when the map is small.
@@ -302,7 +364,26 @@ pub struct RateLimits {
     pub input_tokens: RateLimitWindow,
     /// `anthropic-ratelimit-output-tokens-*`.
     pub output_tokens: RateLimitWindow,
+    /// OpenAI-style `x-ratelimit-{limit,remaining,reset}-requests`, read by
+    /// [`from_headers_at`](Self::from_headers_at) only (the reset is a duration
+    /// such as `1m30s`, anchored at `now`).
+    pub openai_requests: RateLimitWindow,
+    /// OpenAI-style `x-ratelimit-{limit,remaining,reset}-tokens` (see `openai_requests`).
+    pub openai_tokens: RateLimitWindow,
 }
+
+const OPENAI_RATE_LIMIT_HEADERS: [[HeaderName; 3]; 2] = [
+    [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ],
+    [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ],
+];
 
 const RATE_LIMIT_HEADERS: [[HeaderName; 3]; 4] = [
     [
@@ -348,6 +429,39 @@ impl RateLimits {
             tokens: window(&RATE_LIMIT_HEADERS[1]),
             input_tokens: window(&RATE_LIMIT_HEADERS[2]),
             output_tokens: window(&RATE_LIMIT_HEADERS[3]),
+            openai_requests: RateLimitWindow::default(),
+            openai_tokens: RateLimitWindow::default(),
+        }
+    }
+
+    /// The whole family, and the OpenAI-style `x-ratelimit-*` windows, whose
+    /// resets are durations (`20s`, `1m30s`, `250ms`, `2h1m`) counted from `now`.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use http::HeaderMap;
+    /// use tower_overload::headers::RateLimits;
+    ///
+    /// let now = SystemTime::now();
+    /// let mut map = HeaderMap::new();
+    /// map.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
+    /// map.insert("x-ratelimit-reset-requests", "1m30s".parse().unwrap());
+    /// let limits = RateLimits::from_headers_at(&map, now);
+    /// assert_eq!(limits.exhausted_for(now), Some(Duration::from_secs(90)));
+    /// ```
+    pub fn from_headers_at(headers: &HeaderMap, now: SystemTime) -> Self {
+        let window = |names: &[HeaderName; 3]| RateLimitWindow {
+            limit: headers.get(&names[0]).and_then(count),
+            remaining: headers.get(&names[1]).and_then(count),
+            reset: headers
+                .get(&names[2])
+                .and_then(|v| reset_duration(v.as_bytes()))
+                .and_then(|after| now.checked_add(after)),
+        };
+        Self {
+            openai_requests: window(&OPENAI_RATE_LIMIT_HEADERS[0]),
+            openai_tokens: window(&OPENAI_RATE_LIMIT_HEADERS[1]),
+            ..Self::from_headers(headers)
         }
     }
 
@@ -382,14 +496,59 @@ impl RateLimits {
             .max()
     }
 
-    fn windows(&self) -> [RateLimitWindow; 4] {
+    fn windows(&self) -> [RateLimitWindow; 6] {
         [
             self.requests,
             self.tokens,
             self.input_tokens,
             self.output_tokens,
+            self.openai_requests,
+            self.openai_tokens,
         ]
     }
+}
+
+/// A duration as OpenAI-style reset headers write it: one or more
+/// `<number><unit>` parts, units `h`, `m`, `s`, `ms` (`20s`, `1m30s`, `1.5s`,
+/// `250ms`, `2h1m`), or a bare number of seconds. `None` for anything else,
+/// negatives and overflow.
+fn reset_duration(bytes: &[u8]) -> Option<Duration> {
+    let text = std::str::from_utf8(bytes.trim_ascii()).ok()?;
+    if text.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = text.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::try_from_secs_f64(secs).ok())
+            .flatten();
+    }
+    let mut rest = text;
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (number, after) = rest.split_at(number_len);
+        let unit_len = after
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_len);
+        let scale = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            _ => return None,
+        };
+        if number.is_empty() || number.starts_with('.') && number.len() == 1 {
+            return None;
+        }
+        let value: f64 = number.parse().ok()?;
+        let part = Duration::try_from_secs_f64(value * scale).ok()?;
+        total = total.checked_add(part)?;
+        rest = after;
+    }
+    Some(total)
 }
 
 fn count(value: &HeaderValue) -> Option<u64> {
@@ -465,19 +624,62 @@ mod tests {
                 &[("retry-after-ms", "soon"), ("retry-after", "9")],
                 Some(ms(9000)),
             ),
-            // Garbage, signs, non-finite, exponents, overflow.
+            // Defect 9: every form Python's float() reads is a number.
+            (&[("retry-after", "+1")], Some(ms(1000))),
+            (&[("retry-after", "1e3")], Some(ms(1_000_000))),
+            (&[("retry-after", "1E-3")], Some(ms(1))),
+            (&[("retry-after", "1.")], Some(ms(1000))),
+            (&[("retry-after", ".5")], Some(ms(500))),
+            (&[("retry-after", "+.5e1")], Some(ms(5000))),
+            (&[("retry-after", "1_0")], Some(ms(10_000))),
+            (&[("retry-after", "1_0.2_5")], Some(ms(10_250))),
+            (&[("retry-after", "\t 7 ")], Some(ms(7000))),
+            (&[("retry-after", "-0")], Some(Duration::ZERO)),
+            (&[("retry-after-ms", "2.5e3")], Some(ms(2500))),
+            (&[("retry-after-ms", "+250")], Some(ms(250))),
+            // Overflowing or infinite: a wait longer than anything, not an absent one.
+            (&[("retry-after", "inf")], Some(Duration::MAX)),
+            (&[("retry-after", "Infinity")], Some(Duration::MAX)),
+            (&[("retry-after", "+INF")], Some(Duration::MAX)),
+            (&[("retry-after", "1e300")], Some(Duration::MAX)),
+            (
+                &[("retry-after", "99999999999999999999999")],
+                Some(Duration::MAX),
+            ),
+            (
+                &[("retry-after", "18446744073709551616")],
+                Some(Duration::MAX),
+            ),
+            (&[("retry-after-ms", "1e300")], Some(Duration::MAX)),
+            (&[("retry-after-ms", "inf")], Some(Duration::MAX)),
+            (
+                &[("retry-after-ms", "1e300"), ("retry-after", "9")],
+                Some(Duration::MAX),
+            ),
+            (
+                &[("retry-after-ms", "18446744073709551615")],
+                Some(Duration::from_secs_f64(18_446_744_073_709_551.615)),
+            ),
+            // Absent: NaN, negative, garbage, and forms float() refuses.
             (&[("retry-after", "-1")], None),
-            (&[("retry-after", "+1")], None),
+            (&[("retry-after", "-inf")], None),
             (&[("retry-after", "NaN")], None),
-            (&[("retry-after", "inf")], None),
-            (&[("retry-after", "Infinity")], None),
-            (&[("retry-after", "1e3")], None),
-            (&[("retry-after", "1.")], None),
-            (&[("retry-after", ".5")], None),
+            (&[("retry-after", "-nan")], None),
+            (
+                &[("retry-after-ms", "nan"), ("retry-after", "9")],
+                Some(ms(9000)),
+            ),
+            (&[("retry-after", "1e")], None),
+            (&[("retry-after", ".")], None),
+            (&[("retry-after", "_1")], None),
+            (&[("retry-after", "1_")], None),
+            (&[("retry-after", "1__0")], None),
+            (&[("retry-after", "1_.5")], None),
+            (&[("retry-after", "0x10")], None),
+            (&[("retry-after", "1 0")], None),
+            (&[("retry-after", "in_f")], None),
             (&[("retry-after", "")], None),
             (&[("retry-after", "   ")], None),
-            (&[("retry-after", "99999999999999999999999")], None),
-            (&[("retry-after-ms", "18446744073709551615")], None),
             (&[("retry-after", "tomorrow")], None),
             (&[("retry-after", "Sun, 31 Feb 1994 08:49:37 GMT")], None),
             (&[("retry-after", "Sun, 06 Nov 1994 25:49:37 GMT")], None),
@@ -592,7 +794,153 @@ mod tests {
         }
     }
 
-    use proptest::prop_assert_eq;
+    use proptest::{prop_assert, prop_assert_eq};
+    /// A number in the grammar of Python's float(), with its underscores.
+    fn python_number() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let digits = "[0-9]{1,3}(_[0-9]{1,3}){0,2}|[0-9]{15,25}";
+        let number = prop_oneof![
+            (digits, proptest::option::of(digits)).prop_map(|(a, b)| match b {
+                Some(b) => format!("{a}.{b}"),
+                None => a,
+            }),
+            digits.prop_map(|a| format!("{a}.")),
+            digits.prop_map(|b| format!(".{b}")),
+        ];
+        let exponent = proptest::option::of(("[eE]", "[+-]?", "[0-9]{1,3}"))
+            .prop_map(|e| e.map_or(String::new(), |(e, sign, d)| format!("{e}{sign}{d}")));
+        let finite = (number, exponent).prop_map(|(n, e)| n + &e);
+        let special = "(?i:inf|infinity|nan)";
+        (
+            " {0,2}",
+            "[+-]?",
+            prop_oneof![4 => finite, 1 => special],
+            "[ \t]{0,2}",
+        )
+            .prop_map(|(a, sign, body, b)| format!("{a}{sign}{body}{b}"))
+    }
+
+    proptest::proptest! {
+        /// Defect 9: every number float() reads agrees with Rust's f64 reading of
+        /// it (underscores removed), as a delay or as absent.
+        #[test]
+        fn retry_after_numbers_agree_with_a_float_reference(text in python_number()) {
+            let reference: f64 = text.trim().replace('_', "").parse().unwrap();
+            let value = HeaderValue::from_str(&text).unwrap();
+            let now = SystemTime::now();
+            let ours = retry_after(&value, now);
+            let ours_ms = retry_after_ms(&value);
+            if reference.is_nan() || reference < 0.0 {
+                prop_assert_eq!(ours, None, "{:?}", text);
+                prop_assert_eq!(ours_ms, None, "{:?}", text);
+            } else if reference >= Duration::MAX.as_secs_f64() {
+                // Past what a Duration holds (2^64 s): too long, as infinity is.
+                prop_assert_eq!(ours, Some(Duration::MAX), "{:?}", text);
+            } else if reference.is_infinite() {
+                prop_assert_eq!(ours, Some(Duration::MAX), "{:?}", text);
+                prop_assert_eq!(ours_ms, Some(Duration::MAX), "{:?}", text);
+            } else {
+                for (got, expected) in [(ours, reference), (ours_ms, reference / 1000.0)] {
+                    let got = got.unwrap().as_secs_f64();
+                    // Plain decimals are read exactly and truncated at the nanosecond;
+                    // the reference rounds to 53 bits.
+                    prop_assert!(
+                        (got - expected).abs() <= (expected * 1e-12).max(2e-9),
+                        "{:?}: {} vs {}", text, got, expected
+                    );
+                }
+            }
+        }
+
+        /// HTTP-dates, valid or not, in all three RFC 9110 forms: accepted and
+        /// read exactly as httpdate reads them.
+        #[test]
+        fn http_dates_agree_with_httpdate_on_odd_fields(
+            weekday in 0usize..8, day in 0u32..33, month in 0usize..13, year in 1970u32..10000,
+            hour in 0u32..26, minute in 0u32..61, second in 0u32..62, form in 0u8..3,
+        ) {
+            const DAYS: [&str; 8] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun", "Xyz"];
+            const LONG: [&str; 8] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "Xyzday"];
+            const MONTHS: [&str; 13] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec", "Foo"];
+            let render = |weekday: usize, second: u32| match form {
+                0 => format!("{}, {day:02} {} {year:04} {hour:02}:{minute:02}:{second:02} GMT", DAYS[weekday], MONTHS[month]),
+                1 => format!("{}, {day:02}-{}-{:02} {hour:02}:{minute:02}:{second:02} GMT", LONG[weekday], MONTHS[month], year % 100),
+                _ => format!("{} {} {day:>2} {hour:02}:{minute:02}:{second:02} {year:04}", DAYS[weekday], MONTHS[month]),
+            };
+            let text = render(weekday, second);
+            let reference = httpdate::parse_http_date(&text).ok();
+            let value = HeaderValue::from_str(&text).unwrap();
+            let ours = retry_after(&value, UNIX_EPOCH);
+            if let Some(at) = reference {
+                prop_assert_eq!(ours, Some(at.duration_since(UNIX_EPOCH).unwrap()), "{}", text);
+            }
+            if let (None, Some(delay)) = (reference, ours) {
+                // Two leniencies, both deliberate: a weekday that does not match
+                // the date (RFC 9110 asks recipients to parse, not to police) and
+                // a leap second, read as the next second. Corrected, httpdate
+                // reads the same instant.
+                let (second, leap) = if second == 60 { (59, 1) } else { (second, 0) };
+                let instant = delay - Duration::from_secs(leap);
+                let actual = usize::try_from((instant.as_secs() / 86_400 + 3) % 7).unwrap();
+                prop_assert!(actual != weekday || leap == 1, "{} read as {:?}", text, delay);
+                let fixed = render(actual, second);
+                let reference = httpdate::parse_http_date(&fixed).ok();
+                prop_assert_eq!(reference.map(|at| at.duration_since(UNIX_EPOCH).unwrap()), Some(instant), "{}", fixed);
+            }
+        }
+    }
+
+    #[test]
+    fn openai_reset_durations_defect_11() {
+        let ms = Duration::from_millis;
+        let cases: &[(&str, Option<Duration>)] = &[
+            ("20s", Some(ms(20_000))),
+            ("1m30s", Some(ms(90_000))),
+            ("6m0s", Some(ms(360_000))),
+            ("1.5s", Some(ms(1500))),
+            ("250ms", Some(ms(250))),
+            ("2h1m", Some(ms(7_260_000))),
+            ("17ms", Some(ms(17))),
+            ("0s", Some(Duration::ZERO)),
+            ("3", Some(ms(3000))),
+            (" 5s ", Some(ms(5000))),
+            ("", None),
+            ("s", None),
+            ("5x", None),
+            ("5 s", None),
+            ("-5s", None),
+            ("1m-30s", None),
+            (".s", None),
+            ("1e400h", None),
+            ("inf", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(reset_duration(text.as_bytes()), *expected, "{text:?}");
+        }
+        let now = UNIX_EPOCH + Duration::from_secs(DATE_SECS);
+        let headers = map(&[
+            ("x-ratelimit-limit-requests", "60"),
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "1m30s"),
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-tokens", "6.5s"),
+        ]);
+        let limits = RateLimits::from_headers_at(&headers, now);
+        assert_eq!(limits.openai_requests.limit, Some(60));
+        assert_eq!(limits.exhausted_for(now), Some(Duration::from_secs(90)));
+        assert!(
+            RateLimits::from_headers(&headers).is_empty(),
+            "durations need a now"
+        );
+        let not_exhausted = map(&[
+            ("x-ratelimit-remaining-requests", "3"),
+            ("x-ratelimit-reset-requests", "20s"),
+        ]);
+        assert_eq!(
+            RateLimits::from_headers_at(&not_exhausted, now).exhausted_for(now),
+            None
+        );
+    }
 
     #[test]
     fn rate_limits_family() {

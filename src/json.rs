@@ -232,6 +232,102 @@ pub(crate) fn find_member(bytes: &[u8], at: usize, key: &str) -> Option<usize> {
     }
 }
 
+/// The members of the JSON document `bytes`, which must be one object, in order.
+///
+/// Yields each member's key and the span of its value. Unlike [`find_member`]
+/// it reads to the end: [`Members::complete`] then says whether the whole
+/// document was one well-formed object followed by whitespace only, which is
+/// what a caller needs before trusting that it saw every member (a parser
+/// such as serde_json rejects anything else, and keeps the last duplicate).
+pub(crate) struct Members<'a> {
+    bytes: &'a [u8],
+    cursor: usize,
+    state: MembersState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MembersState {
+    First,
+    Next,
+    Complete,
+    Broken,
+}
+
+impl<'a> Members<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Self {
+            bytes,
+            cursor: 0,
+            state: MembersState::First,
+        }
+    }
+
+    /// Whether the walk reached the closing brace and nothing but whitespace followed.
+    pub(crate) fn complete(&self) -> bool {
+        self.state == MembersState::Complete
+    }
+
+    fn step(&mut self) -> Option<(RawString<'a>, usize, usize)> {
+        let bytes = self.bytes;
+        let mut cursor = skip_ws(bytes, self.cursor);
+        if self.state == MembersState::First {
+            if *bytes.get(cursor)? != b'{' {
+                return None;
+            }
+            cursor = skip_ws(bytes, cursor + 1);
+            if *bytes.get(cursor)? == b'}' {
+                self.finish(cursor + 1);
+                return None;
+            }
+        } else {
+            match *bytes.get(cursor)? {
+                b',' => cursor = skip_ws(bytes, cursor + 1),
+                b'}' => {
+                    self.finish(cursor + 1);
+                    return None;
+                }
+                _ => return None,
+            }
+        }
+        if *bytes.get(cursor)? != b'"' {
+            return None;
+        }
+        let (name, after_name) = scan_string(bytes, cursor)?;
+        cursor = skip_ws(bytes, after_name);
+        if *bytes.get(cursor)? != b':' {
+            return None;
+        }
+        let start = skip_ws(bytes, cursor + 1);
+        let end = skip_value(bytes, start)?;
+        self.cursor = end;
+        self.state = MembersState::Next;
+        Some((name, start, end))
+    }
+
+    fn finish(&mut self, after_brace: usize) {
+        self.state = if skip_ws(self.bytes, after_brace) == self.bytes.len() {
+            MembersState::Complete
+        } else {
+            MembersState::Broken
+        };
+    }
+}
+
+impl<'a> Iterator for Members<'a> {
+    type Item = (RawString<'a>, usize, usize);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if matches!(self.state, MembersState::Complete | MembersState::Broken) {
+            return None;
+        }
+        let item = self.step();
+        if item.is_none() && self.state != MembersState::Complete {
+            self.state = MembersState::Broken;
+        }
+        item
+    }
+}
+
 /// The string starting at `at`, if the value there is a string, and the index past it.
 pub(crate) fn string_at(bytes: &[u8], at: usize) -> Option<(RawString<'_>, usize)> {
     if bytes.get(at) != Some(&b'"') {

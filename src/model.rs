@@ -2,9 +2,10 @@
 //!
 //! [`extract`] and [`rewrite`] work on the raw JSON bytes of a Messages-style
 //! request without parsing it into a tree: they walk the members of the
-//! top-level object only, skip the values of the others (however long the
-//! `messages` array), and stop at `model`. Keys named `model` inside
-//! messages, tools, schemas or metadata never match.
+//! top-level object only and skip the values of the others (however long the
+//! `messages` array). Keys named `model` inside messages, tools, schemas or
+//! metadata never match; a duplicate top-level `model` is read as the API
+//! reads it (the last one wins).
 //!
 //! ```
 //! use tower_overload::model;
@@ -24,31 +25,51 @@ use bytes::Bytes;
 
 use crate::json;
 
-/// The top-level `"model"` string of a JSON object body.
+/// The top-level `"model"` string of a JSON object body: the model the API
+/// will serve.
 ///
 /// Escapes in keys and value are decoded (only then is anything allocated);
-/// whitespace may stand anywhere JSON allows it. `None` for a non-object
-/// top, a missing or non-string `model`, invalid escapes or UTF-8 in the
-/// value, and for JSON that is broken before the `model` member. Members
-/// after `model` are not read. Nesting deeper than 1024 levels before
-/// `model` reads as broken; the scan is iterative, never recursive.
+/// whitespace may stand anywhere JSON allows it. When the key appears more
+/// than once at the top level, the last one counts, as it does for the API's
+/// parser (and serde_json's `Value`); so the whole object is walked, and
+/// values other than `model`s are skipped without being decoded. `None` for
+/// a non-object top, a missing or non-string last `model`, invalid escapes or
+/// UTF-8 in its value, and for a body that is not one well-formed object
+/// followed by whitespace only (the API rejects those). Nesting deeper than
+/// 1024 levels reads as broken; the scan is iterative, never recursive.
 ///
 /// ```
 /// use tower_overload::model::extract;
 ///
 /// assert_eq!(extract(br#"{ "\u006dodel" : "claude-haiku-4-5" }"#).as_deref(), Some("claude-haiku-4-5"));
+/// assert_eq!(extract(br#"{"model":"claude-x","max_tokens":1,"model":"claude-opus-4-6"}"#).as_deref(), Some("claude-opus-4-6"));
 /// assert_eq!(extract(br#"{"metadata":{"model":"nested"}}"#), None);
 /// assert_eq!(extract(br#"{"model": 42}"#), None);
 /// assert_eq!(extract(b"not json"), None);
 /// ```
 pub fn extract(body: &[u8]) -> Option<Cow<'_, str>> {
-    let at = json::find_member(body, 0, "model")?;
-    json::string_at(body, at)?.0.decode()
+    json::string_at(body, last_model(body)?)?.0.decode()
+}
+
+/// The start of the last top-level `model` value; `None` when there is none
+/// or the body is not one well-formed object.
+fn last_model(body: &[u8]) -> Option<usize> {
+    let mut members = json::Members::new(body);
+    let last = members
+        .by_ref()
+        .filter(|(name, _, _)| name.eq_str("model"))
+        .last()
+        .map(|(_, start, _)| start);
+    if members.complete() { last } else { None }
 }
 
 /// `body` with the top-level `model` value replaced by `model`, every other
-/// byte as it was. The new value is escaped as JSON needs. `None` when the
-/// body has no top-level string `model` (see [`extract`]).
+/// byte as it was. The new value is escaped as JSON needs. `None` when
+/// [`extract`] reads no model from the body.
+///
+/// When the key appears more than once at the top level, every occurrence
+/// gets the new value, so no parser can read an older model from the result,
+/// whichever duplicate it keeps.
 ///
 /// ```
 /// use tower_overload::model::rewrite;
@@ -58,19 +79,26 @@ pub fn extract(body: &[u8]) -> Option<Cow<'_, str>> {
 /// assert_eq!(&rewritten[..], br#"{"model" : "claude-sonnet-4-6",  "stream":true}"#);
 ///
 /// assert_eq!(&rewrite(br#"{"model":"a"}"#, "quote\"d").unwrap()[..], br#"{"model":"quote\"d"}"#);
+/// assert_eq!(&rewrite(br#"{"model":"a","model":"b"}"#, "c").unwrap()[..], br#"{"model":"c","model":"c"}"#);
 /// assert!(rewrite(br#"{"stream":true}"#, "x").is_none());
 /// ```
 pub fn rewrite(body: &[u8], model: &str) -> Option<Bytes> {
-    let start = json::find_member(body, 0, "model")?;
-    let (current, end) = json::string_at(body, start)?;
     // A value extract cannot read (a bad escape, invalid UTF-8) is not a model to replace.
-    current.decode()?;
-    let mut out = Vec::with_capacity(body.len() - (end - start) + model.len() + 2);
-    out.extend_from_slice(&body[..start]);
-    out.push(b'"');
-    json::escape_into(model, &mut out);
-    out.push(b'"');
-    out.extend_from_slice(&body[end..]);
+    extract(body)?;
+    let mut value = Vec::with_capacity(model.len() + 2);
+    value.push(b'"');
+    json::escape_into(model, &mut value);
+    value.push(b'"');
+    let mut out = Vec::with_capacity(body.len() + value.len());
+    let mut copied = 0;
+    for (name, start, end) in json::Members::new(body) {
+        if name.eq_str("model") {
+            out.extend_from_slice(&body[copied..start]);
+            out.extend_from_slice(&value);
+            copied = end;
+        }
+    }
+    out.extend_from_slice(&body[copied..]);
     Some(Bytes::from(out))
 }
 
@@ -102,7 +130,8 @@ impl Model {
         Self(name.into())
     }
 
-    /// The name as text.
+    /// The name as text, raw: what routing and keys use. Show it with
+    /// `Display`, which escapes it for logs.
     ///
     /// ```
     /// # use tower_overload::Model;
@@ -113,15 +142,92 @@ impl Model {
     }
 }
 
+/// The most bytes of a model name that [`Model`]'s `Display` and `Debug` show
+/// before cutting it with `…`.
+///
+/// ```
+/// use tower_overload::{Model, model::MAX_MODEL_DISPLAY_LEN};
+/// let shown = Model::new("m".repeat(500)).to_string();
+/// assert_eq!(shown.len(), MAX_MODEL_DISPLAY_LEN + '…'.len_utf8());
+/// ```
+pub const MAX_MODEL_DISPLAY_LEN: usize = 128;
+
+/// Whether `c` must not reach a log as it is: control characters (line
+/// breaks, escape sequences) and the invisible format characters that can
+/// reorder or hide text in a terminal (bidi overrides, zero-width marks).
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\\'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        )
+}
+
+/// `name` with [`needs_escape`] characters escaped (`\n`, `\u{1b}`),
+/// at most [`MAX_MODEL_DISPLAY_LEN`] bytes of it, then `…` if cut.
+fn write_log_safe(name: &str, f: &mut dyn fmt::Write) -> fmt::Result {
+    let mut written = 0;
+    let mut buf = [0u8; 4];
+    for c in name.chars() {
+        let escaped;
+        let piece: &str = match c {
+            '\n' => "\\n",
+            '\r' => "\\r",
+            '\t' => "\\t",
+            '\\' => "\\\\",
+            c if needs_escape(c) => {
+                escaped = format!("\\u{{{:x}}}", u32::from(c));
+                &escaped
+            }
+            c => c.encode_utf8(&mut buf),
+        };
+        if written + piece.len() > MAX_MODEL_DISPLAY_LEN {
+            return f.write_str("…");
+        }
+        f.write_str(piece)?;
+        written += piece.len();
+    }
+    Ok(())
+}
+
 impl fmt::Debug for Model {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Model").field(&self.as_str()).finish()
+        f.write_str("Model(\"")?;
+        // Quotes too, so the Debug form stays one unambiguous token.
+        let mut safe = String::new();
+        write_log_safe(self.as_str(), &mut safe)?;
+        f.write_str(&safe.replace('"', "\\\""))?;
+        f.write_str("\")")
     }
 }
 
+/// The log-safe rendering: a name from a request body can hold anything, so
+/// control and invisible format characters are escaped (`x\nINFO forged` is
+/// shown as `x\\nINFO forged`, one line) and a long name is cut at
+/// [`MAX_MODEL_DISPLAY_LEN`] bytes with `…`. Logs, error messages and the
+/// fallback's warnings all show a model this way; [`Model::as_str`] is the raw
+/// name, for routing and keys.
+///
+/// ```
+/// use tower_overload::Model;
+///
+/// assert_eq!(Model::new("claude-opus-4-6").to_string(), "claude-opus-4-6");
+/// assert_eq!(Model::new("x\nINFO forged").to_string(), "x\\nINFO forged");
+/// assert!(Model::new("m".repeat(1000)).to_string().ends_with('…'));
+/// assert_eq!(Model::new("x\nINFO forged").as_str(), "x\nINFO forged");
+/// ```
 impl fmt::Display for Model {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        let name = self.as_str();
+        if name.len() <= MAX_MODEL_DISPLAY_LEN && !name.chars().any(needs_escape) {
+            return f.write_str(name);
+        }
+        write_log_safe(name, f)
     }
 }
 
@@ -153,7 +259,13 @@ mod tests {
             (br#"{"model":"a\"b\\c\u00e9\ud83d\ude00"}"#, Some("a\"b\\cé😀")),
             (br#"{"mod\u0065l":"m"}"#, Some("m")),
             (br#"{"models":"no","model":"yes"}"#, Some("yes")),
-            (br#"{"model":"first","model":"second"}"#, Some("first")),
+            // Defect 5: the API, like serde_json's Value, keeps the last duplicate.
+            (br#"{"model":"first","model":"second"}"#, Some("second")),
+            (br#"{"model":"first","x":[{"model":"n"}],"model":"second","y":1}"#, Some("second")),
+            (br#"{"model":"first","model":42}"#, None),
+            (br#"{"model":42,"model":"second"}"#, Some("second")),
+            (br#"{"model":"m","a":[1,2}"#, None),
+            (br#"{"model":"m"} trailing"#, None),
             (br#"{"messages":[{"role":"user","content":[{"type":"text","text":"\"model\":\"x\""}]}],"model":"m"}"#, Some("m")),
             (br#"{"tools":[{"name":"t","input_schema":{"properties":{"model":{"type":"string"}}}}],"model":"m"}"#, Some("m")),
             (br#"{"metadata":{"model":"nested"},"x":[{"model":"n"}]}"#, None),
@@ -177,6 +289,44 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(body)
             );
+        }
+    }
+
+    #[test]
+    fn display_is_log_safe_defect_11() {
+        let cases: &[(&str, &str)] = &[
+            ("claude-opus-4-6", "claude-opus-4-6"),
+            ("x\nINFO forged", "x\\nINFO forged"),
+            ("a\rb\tc\\d", "a\\rb\\tc\\\\d"),
+            ("\u{1b}[31mred", "\\u{1b}[31mred"),
+            ("bidi\u{202e}txt", "bidi\\u{202e}txt"),
+            ("zero\u{200b}width\u{85}", "zero\\u{200b}width\\u{85}"),
+            ("caf\u{e9} \u{1f600}", "caf\u{e9} \u{1f600}"),
+        ];
+        for (name, shown) in cases {
+            assert_eq!(Model::new(*name).to_string(), *shown, "{name:?}");
+            assert_eq!(Model::new(*name).as_str(), *name);
+        }
+        let long = Model::new("é".repeat(200)).to_string();
+        assert!(
+            long.len() <= MAX_MODEL_DISPLAY_LEN + '…'.len_utf8(),
+            "{}",
+            long.len()
+        );
+        assert!(long.ends_with('…'));
+        let escapes = Model::new("\n".repeat(200)).to_string();
+        assert!(escapes.len() <= MAX_MODEL_DISPLAY_LEN + 3 && !escapes.contains('\n'));
+        assert_eq!(format!("{:?}", Model::new("a\"\nb")), r#"Model("a\"\nb")"#);
+    }
+
+    proptest! {
+        #[test]
+        fn display_never_holds_a_control_character(name in "\\PC{0,40}|[\\x00-\\x1f\\x7f-\\u{9f}\\u{2028}\\u{202e}a-z]{0,300}") {
+            let model = Model::new(name.as_str());
+            for shown in [model.to_string(), format!("{model:?}")] {
+                prop_assert!(!shown.chars().any(|c| c.is_control()), "{:?}", shown);
+                prop_assert!(shown.len() <= MAX_MODEL_DISPLAY_LEN + 20);
+            }
         }
     }
 
@@ -227,6 +377,24 @@ mod tests {
         assert!(rewrite(b"garbage", "x").is_none());
     }
 
+    #[test]
+    fn rewrite_leaves_no_other_top_level_model_defect_5() {
+        let body = br#"{"model":"claude-x","max_tokens":1,"metadata":{"model":"keep"},"model":"claude-opus-4-6"}"#;
+        let out = rewrite(body, "claude-haiku-4-5").unwrap();
+        let parsed: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed["model"], "claude-haiku-4-5");
+        assert_eq!(parsed["metadata"]["model"], "keep");
+        assert_eq!(
+            &out[..],
+            br#"{"model":"claude-haiku-4-5","max_tokens":1,"metadata":{"model":"keep"},"model":"claude-haiku-4-5"}"#
+        );
+        // An earlier duplicate of any type is overridden by the last one, so it is replaced too.
+        let out = rewrite(br#"{"model":[1,{"a":2}], "model":"b"}"#, "c").unwrap();
+        assert_eq!(&out[..], br#"{"model":"c", "model":"c"}"#);
+        // The last one decides: not a string, nothing to rewrite.
+        assert!(rewrite(br#"{"model":"a","model":null}"#, "c").is_none());
+    }
+
     fn json_value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
@@ -248,6 +416,45 @@ mod tests {
                 .prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
+    }
+
+    fn member_key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => Just("model".to_owned()),
+            1 => Just("models".to_owned()),
+            1 => Just("Model".to_owned()),
+            2 => "[a-z]{1,6}",
+        ]
+    }
+
+    /// A member's value: a string (as text to escape by hand) or any JSON value.
+    fn member_value() -> impl Strategy<Value = Result<String, Value>> {
+        prop_oneof![
+            3 => "\\PC{0,10}|[\"\\\\\n\u{1}\u{7f}]{0,4}".prop_map(Ok),
+            2 => json_value().prop_map(Err),
+        ]
+    }
+
+    /// `value` as a JSON string literal; bits of `escapes` choose which
+    /// characters are written as `\uXXXX` (surrogate pairs included).
+    fn json_string(value: &str, escapes: u64) -> String {
+        let mut out = String::from("\"");
+        for (i, c) in value.chars().enumerate() {
+            let forced = escapes >> (i % 64) & 1 == 1;
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if forced || u32::from(c) < 0x20 => {
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        out.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
     }
 
     proptest! {
@@ -294,6 +501,51 @@ mod tests {
             // Writing the original back gives the original bytes: nothing else moved.
             let restored = rewrite(&rewritten, &original).unwrap();
             prop_assert_eq!(restored, Bytes::from(body));
+        }
+
+        /// Defect 5: JSON text written by hand so that duplicate keys, escaped
+        /// keys and odd whitespace exist; serde_json's `Value` is the reference
+        /// (it keeps the last duplicate, as the API does).
+        #[test]
+        fn extract_and_rewrite_agree_with_serde_json_on_duplicates(
+            members in proptest::collection::vec((member_key(), member_value(), any::<u8>()), 0..7),
+            spacing in proptest::collection::vec(prop_oneof![Just(""), Just(" "), Just("\n  "), Just("\t")], 8),
+            escapes in any::<u64>(),
+        ) {
+            let mut text = String::from(spacing[0]);
+            text.push('{');
+            for (i, (key, value, salt)) in members.iter().enumerate() {
+                if i > 0 { text.push(','); }
+                text.push_str(spacing[(i + 1) % 8]);
+                text.push_str(&json_string(key, escapes.rotate_left(u32::from(*salt))));
+                text.push_str(spacing[(i + 2) % 8]);
+                text.push(':');
+                text.push_str(spacing[(i + 3) % 8]);
+                match value {
+                    Ok(string) => text.push_str(&json_string(string, escapes ^ u64::from(*salt))),
+                    Err(other) => text.push_str(&other.to_string()),
+                }
+            }
+            text.push_str(spacing[7]);
+            text.push('}');
+            text.push_str(spacing[1]);
+
+            let reference: Value = serde_json::from_str(&text).unwrap();
+            let extracted = extract(text.as_bytes());
+            prop_assert_eq!(extracted.as_deref(), reference["model"].as_str(), "{}", text);
+
+            let replacement = "new \"model\"\n\u{e9}";
+            match rewrite(text.as_bytes(), replacement) {
+                Some(rewritten) => {
+                    let mut reparsed: Value = serde_json::from_slice(&rewritten).unwrap();
+                    prop_assert_eq!(reparsed["model"].as_str(), Some(replacement));
+                    let read_back = extract(&rewritten);
+                    prop_assert_eq!(read_back.as_deref(), Some(replacement));
+                    reparsed["model"] = reference["model"].clone();
+                    prop_assert_eq!(&reparsed, &reference, "{}", text);
+                }
+                None => prop_assert!(reference["model"].as_str().is_none(), "{}", text),
+            }
         }
 
         #[test]

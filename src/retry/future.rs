@@ -514,20 +514,11 @@ fn stream_verdict(
 }
 
 /// Whether the body can change what the status and headers say: a 5xx may
-/// say "Overloaded", a 429 without a delay may be a spend limit. Not read
-/// when the server already gave its verdict.
+/// say "Overloaded", a 429 without a delay may be a spend limit. Read even
+/// when the server gave its verdict: `x-should-retry` decides whether to
+/// retry, the body still decides which class (defect 6).
 fn worth_sniffing(parts: &response::Parts, verdict: &Classification) -> bool {
-    if verdict.server_verdict.is_some() {
-        return false;
-    }
-    match verdict.class {
-        Class::ServerError => true,
-        Class::RateLimited => {
-            !parts.headers.contains_key(http::header::RETRY_AFTER)
-                && !parts.headers.contains_key(headers::RETRY_AFTER_MS)
-        }
-        _ => false,
-    }
+    classify::body_may_change(verdict.class, &parts.headers)
 }
 
 impl<S, B, R> Future for ResponseFuture<S, B, R>
@@ -655,7 +646,8 @@ where
                                     &joined
                                 }
                             };
-                            classify::classify(parts.status, &parts.headers, Some(prefix))
+                            // Decoded when compressed; the caller still gets the bytes as they came.
+                            classify::classify_body(parts.status, &parts.headers, prefix)
                         }
                     };
                     let mut peeked = PeekedBody::new(inner)
