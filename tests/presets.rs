@@ -254,3 +254,33 @@ async fn the_deadline_cancels_the_attempt_in_flight() {
     );
     assert_eq!(mock.request_count(), 3);
 }
+
+/// Defect 8a: a body that goes silent after its head was handed on ends
+/// with a typed timeout after the preset's idle timeout, not never.
+#[tokio::test(start_paused = true)]
+async fn a_body_that_goes_silent_ends_with_a_timeout() {
+    let mock = MockUpstream::start().await;
+    mock.push_for_model(
+        OPUS,
+        [Reply::slow_body(
+            &["data: one\n\n", "data: two\n\n"],
+            Duration::from_secs(10 * 24 * 3600),
+        )],
+    );
+    let policy = RetryPolicy::foreground().seed(6);
+    let idle = policy.get_idle_timeout().unwrap();
+    let service = OverloadRetryLayer::new(policy).layer(client());
+    let response = service
+        .oneshot(messages_request(&mock, OPUS))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let started = Instant::now();
+    let error = response.into_body().collect().await.unwrap_err();
+    let elapsed = started.elapsed();
+    let ours = error
+        .downcast_ref::<tower_overload::Error>()
+        .unwrap_or_else(|| panic!("not the crate's error: {error}"));
+    assert_eq!(ours.kind(), ErrorKind::Timeout);
+    assert!(elapsed >= idle && elapsed <= idle + Duration::from_secs(1), "{elapsed:?}");
+}
