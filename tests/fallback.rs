@@ -314,3 +314,56 @@ async fn a_typed_overload_error_from_the_retry_layer_falls_back_too() {
     let error = error.downcast::<tower_overload::Error>().unwrap();
     assert_eq!(error.kind(), tower_overload::ErrorKind::NotRetryable);
 }
+
+/// Defect 10: a probe slot taken for a model the body cannot be rewritten
+/// for (the model came from the `Model` extension) must be given back.
+#[tokio::test(start_paused = true)]
+async fn defect_10_a_probe_slot_is_released_when_the_body_cannot_be_rewritten() {
+    use tower_overload::fallback::Cooldown;
+    let mock = MockUpstream::start().await;
+    let layer = ModelFallbackLayer::new([OPUS, SONNET, HAIKU]).cooldown(Cooldown {
+        overloads: 1,
+        cooldown: Duration::from_secs(10),
+        max_cooldown: Duration::from_secs(10),
+        ..Cooldown::default()
+    });
+    let service = layer.layer(client());
+
+    // Sonnet's breaker opens.
+    mock.push_for_model(SONNET, [Reply::overloaded()]);
+    let response = service
+        .clone()
+        .oneshot(messages_request(&mock, SONNET))
+        .await
+        .unwrap();
+    assert_eq!(served(&response).served.as_str(), HAIKU);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+
+    // A call for opus named by the extension, its body without a model:
+    // opus is overloaded, and sonnet (due a probe) cannot be written into the body.
+    mock.push([Reply::overloaded()]);
+    let mut request = Request::post(mock.url("/v1/messages"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"max_tokens":9,"messages":[]}"#,
+        )))
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(tower_overload::Model::new(OPUS));
+    let response = service.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status().as_u16(), 529, "nothing to fall back to");
+
+    // Sonnet is healthy again and must get its probe.
+    let response = service
+        .clone()
+        .oneshot(messages_request(&mock, SONNET))
+        .await
+        .unwrap();
+    assert_eq!(
+        served(&response).served.as_str(),
+        SONNET,
+        "the probe slot leaked: sonnet is skipped for good"
+    );
+    assert!(!service.is_cooling_down(SONNET));
+}

@@ -255,8 +255,21 @@ where
 
     /// After a triggering outcome: the next model's request, if the chain has one.
     fn next_request(&mut self) -> Option<Request<B>> {
-        let (position, probe) = self.select(self.position + 1, Instant::now())?;
-        let request = self.request_for(position)?;
+        let mut from = self.position + 1;
+        let (position, probe, request) = loop {
+            let (position, probe) = self.select(from, Instant::now())?;
+            match self.request_for(position) {
+                Some(request) => break (position, probe, request),
+                None => {
+                    // Defect 10: a probe slot taken for a model this call cannot
+                    // be sent to is given back, or that model is skipped for good.
+                    if probe && let Some(breaker) = self.breaker_at(position) {
+                        breaker.release_probe();
+                    }
+                    from = position + 1;
+                }
+            }
+        };
         let from = self.current_model();
         self.position = position;
         self.probe = probe;
