@@ -39,7 +39,7 @@ fn falling_back(
     layer.layer(client())
 }
 
-fn served(response: &Response) -> &ServedBy {
+fn served<T>(response: &http::Response<T>) -> &ServedBy {
     response
         .extensions()
         .get::<ServedBy>()
@@ -366,4 +366,46 @@ async fn defect_10_a_probe_slot_is_released_when_the_body_cannot_be_rewritten() 
         "the probe slot leaked: sonnet is skipped for good"
     );
     assert!(!service.is_cooling_down(SONNET));
+}
+
+/// The presets as shipped: fallback outside, the foreground retry policy inside.
+fn shipped() -> impl Service<
+    Request<Full<Bytes>>,
+    Response = http::Response<tower_overload::body::PeekedBody<hyper::body::Incoming>>,
+    Error = tower_overload::BoxError,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    ServiceBuilder::new()
+        .layer(ModelFallbackLayer::new([OPUS, SONNET]))
+        .layer(OverloadRetryLayer::new(RetryPolicy::foreground().seed(12)))
+        .service(client())
+}
+
+/// Defect 12: once opus's breaker opens, calls already retrying it stop at
+/// their next decision and move on, instead of finishing their retry loops.
+#[tokio::test(start_paused = true)]
+async fn defect_12_a_dead_primary_costs_about_one_attempt_per_call() {
+    let mock = MockUpstream::start().await;
+    mock.storm(OPUS, Duration::from_secs(3600), Reply::overloaded());
+    let service = shipped();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let service = service.clone();
+        let request = messages_request(&mock, OPUS);
+        tasks.spawn(async move { service.oneshot(request).await.unwrap() });
+    }
+    while let Some(response) = tasks.join_next().await {
+        let response = response.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(served(&response).served.as_str(), SONNET);
+    }
+    let opus = requests_for(&mock, OPUS);
+    println!("opus attempts for 50 calls: {opus}");
+    assert!(
+        opus as f64 / 50.0 <= 1.3,
+        "{opus} opus attempts for 50 calls"
+    );
+    assert_eq!(requests_for(&mock, SONNET), 50);
 }

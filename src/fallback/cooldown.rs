@@ -1,9 +1,15 @@
 //! When a model is skipped: a small circuit breaker per model, on an explicit clock.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use super::Shared;
+use crate::breaker_signal::ModelBreaker;
+use crate::classify::Class;
+use crate::model::Model;
 
 /// When a model that keeps answering "overloaded" is given a rest.
 ///
@@ -199,12 +205,69 @@ impl Breaker {
         }
     }
 
+    /// Whether calls may use the model freely (not resting, not being probed).
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(*self.state(), State::Closed { .. })
+    }
+
     pub(crate) fn is_cooling_down(&self, now: Instant) -> bool {
         match *self.state() {
             State::Closed { .. } => false,
             State::Open { until, .. } => now < until,
             State::HalfOpen { probing, .. } => probing,
         }
+    }
+}
+
+/// One call's view of one model's breaker, handed to the retry layer
+/// inside as a [`BreakerSignal`](crate::breaker_signal::BreakerSignal).
+///
+/// The breaker counts overloaded *calls*: the retry layer reports a call's
+/// first overloaded attempt at once (so a storm opens the breaker while the
+/// first calls are still in their retry loops), and the call's end is then
+/// not counted again.
+pub(crate) struct CallOnModel {
+    shared: Arc<Shared>,
+    model: Model,
+    probe: bool,
+    counted: AtomicBool,
+}
+
+impl CallOnModel {
+    pub(crate) fn new(shared: Arc<Shared>, model: Model, probe: bool) -> Self {
+        Self {
+            shared,
+            model,
+            probe,
+            counted: AtomicBool::new(false),
+        }
+    }
+
+    fn breaker(&self) -> Option<&Breaker> {
+        self.shared.breakers.get(&self.model)
+    }
+
+    /// Counts this call's overload, once however often it is reported.
+    pub(crate) fn count_overload(&self, now: Instant) {
+        if !self.counted.swap(true, Ordering::AcqRel)
+            && let Some(breaker) = self.breaker()
+        {
+            breaker.on_overload(now, self.probe);
+        }
+    }
+}
+
+impl ModelBreaker for CallOnModel {
+    fn on_failure(&self, class: Class) {
+        if self.shared.triggers.contains(&class) {
+            self.count_overload(Instant::now());
+        }
+    }
+
+    fn should_stop(&self, class: Class) -> bool {
+        // Open, or half-open: either way not proven healthy, and a probe
+        // is one attempt (if it fails, the call moves on as usual).
+        self.shared.triggers.contains(&class) && self.breaker().is_some_and(|b| !b.is_closed())
     }
 }
 
