@@ -50,6 +50,7 @@
 
 pub mod backoff;
 pub mod body;
+pub mod breaker_signal;
 pub mod budget;
 pub mod classify;
 #[cfg(feature = "concurrency")]

@@ -1,26 +1,44 @@
 //! When a model is skipped: a small circuit breaker per model, on an explicit clock.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::Shared;
+use crate::breaker_signal::ModelBreaker;
+use crate::classify::Class;
+use crate::model::Model;
+
 /// When a model that keeps answering "overloaded" is given a rest.
 ///
-/// After `overloads` overloaded calls within `window`, the model is skipped
-/// for `cooldown`. Then one call at a time may probe it (half-open): a
-/// success brings it back, another overload skips it again for twice as
-/// long, up to `max_cooldown`. Storms last minutes, hence the defaults.
+/// After `overloads` calls met an overload on the model within `window`,
+/// with no success in between, the model is skipped for `cooldown`. A call
+/// counts when its first attempt is overloaded (the retry layer inside tells
+/// the breaker at once), so a storm opens the breaker within its first few
+/// calls, and calls still retrying the model then stop and move on. Then one
+/// call at a time may probe it (half-open): the probe is that call's one
+/// attempt at the model (if it fails, the call falls back as usual); a
+/// success closes the breaker at once, another overload skips the model
+/// again for twice as long, up to `max_cooldown`.
+///
+/// The defaults probe a resting model 2 s after it opened, then every 5 s:
+/// storms last minutes, but a primary that has recovered is found within
+/// 5 s, for one wasted attempt per 5 s of storm (at 20 calls/s, one
+/// attempt per 100 calls). Five calls, not one or two, open the breaker so
+/// that sparse transient 529s (which the retries inside absorb) do not
+/// send traffic to another model.
 ///
 /// ```
 /// use std::time::Duration;
 /// use tower_overload::fallback::Cooldown;
 ///
 /// let cooldown = Cooldown::default();
-/// assert_eq!(cooldown.overloads, 2);
+/// assert_eq!(cooldown.overloads, 5);
 /// assert_eq!(cooldown.window, Duration::from_secs(60));
-/// assert_eq!(cooldown.cooldown, Duration::from_secs(30));
-/// assert_eq!(cooldown.max_cooldown, Duration::from_secs(300));
+/// assert_eq!(cooldown.cooldown, Duration::from_secs(2));
+/// assert_eq!(cooldown.max_cooldown, Duration::from_secs(5));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cooldown {
@@ -37,10 +55,10 @@ pub struct Cooldown {
 impl Default for Cooldown {
     fn default() -> Self {
         Self {
-            overloads: 2,
+            overloads: 5,
             window: Duration::from_secs(60),
-            cooldown: Duration::from_secs(30),
-            max_cooldown: Duration::from_secs(300),
+            cooldown: Duration::from_secs(2),
+            max_cooldown: Duration::from_secs(5),
         }
     }
 }
@@ -199,6 +217,11 @@ impl Breaker {
         }
     }
 
+    /// Whether calls may use the model freely (not resting, not being probed).
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(*self.state(), State::Closed { .. })
+    }
+
     pub(crate) fn is_cooling_down(&self, now: Instant) -> bool {
         match *self.state() {
             State::Closed { .. } => false,
@@ -208,15 +231,105 @@ impl Breaker {
     }
 }
 
+/// One call's view of one model's breaker, handed to the retry layer
+/// inside as a [`BreakerSignal`](crate::breaker_signal::BreakerSignal).
+///
+/// The breaker counts overloaded *calls*: the retry layer reports a call's
+/// first overloaded attempt at once (so a storm opens the breaker while the
+/// first calls are still in their retry loops), and the call's end is then
+/// not counted again.
+pub(crate) struct CallOnModel {
+    shared: Arc<Shared>,
+    model: Model,
+    probe: bool,
+    counted: AtomicBool,
+}
+
+impl CallOnModel {
+    pub(crate) fn new(shared: Arc<Shared>, model: Model, probe: bool) -> Self {
+        Self {
+            shared,
+            model,
+            probe,
+            counted: AtomicBool::new(false),
+        }
+    }
+
+    fn breaker(&self) -> Option<&Breaker> {
+        self.shared.breakers.get(&self.model)
+    }
+
+    /// Counts this call's overload, once however often it is reported.
+    pub(crate) fn count_overload(&self, now: Instant) {
+        if !self.counted.swap(true, Ordering::AcqRel)
+            && let Some(breaker) = self.breaker()
+        {
+            breaker.on_overload(now, self.probe);
+        }
+    }
+}
+
+impl ModelBreaker for CallOnModel {
+    fn on_failure(&self, class: Class) {
+        if self.shared.triggers.contains(&class) {
+            self.count_overload(Instant::now());
+        }
+    }
+
+    fn should_stop(&self, class: Class) -> bool {
+        // Open, or half-open: either way not proven healthy, and a probe
+        // is one attempt (if it fails, the call moves on as usual).
+        self.shared.triggers.contains(&class) && self.breaker().is_some_and(|b| !b.is_closed())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
 
+    /// Settings with round numbers, to test the state machine.
+    fn slow() -> Cooldown {
+        Cooldown {
+            overloads: 2,
+            window: S(60),
+            cooldown: S(30),
+            max_cooldown: S(300),
+        }
+    }
+
+    /// Defect 13: while a model rests, it is probed every few seconds, never
+    /// minutes apart, and a successful probe closes the breaker at once.
+    #[test]
+    fn defect_13_the_default_probe_cadence_stays_within_seconds() {
+        let policy = Cooldown::default();
+        let breaker = Breaker::new(policy);
+        let mut now = Instant::now();
+        for _ in 0..policy.overloads {
+            assert_eq!(breaker.admit(now), Admission::Use);
+            breaker.on_overload(now, false);
+        }
+        let mut rests = Vec::new();
+        for _ in 0..20 {
+            let mut waited = Duration::ZERO;
+            while breaker.admit(now + waited) != Admission::Probe {
+                waited += Duration::from_millis(100);
+            }
+            rests.push(waited.as_millis());
+            now += waited;
+            breaker.on_overload(now, true);
+        }
+        assert_eq!(&rests[..4], [2_000, 4_000, 5_000, 5_000]);
+        assert!(rests.iter().all(|&rest| rest <= 5_000), "{rests:?}");
+        assert!(breaker.admit(now + S(5)) == Admission::Probe);
+        breaker.on_other(true, true);
+        assert_eq!(breaker.admit(now + S(5)), Admission::Use, "closed at once");
+    }
+
     #[test]
     fn opens_after_k_overloads_in_the_window_then_probes() {
-        let breaker = Breaker::new(Cooldown::default());
+        let breaker = Breaker::new(slow());
         let t0 = Instant::now();
         assert_eq!(breaker.admit(t0), Admission::Use);
         breaker.on_overload(t0, false);
@@ -240,7 +353,7 @@ mod tests {
 
     #[test]
     fn overloads_outside_the_window_do_not_add_up() {
-        let breaker = Breaker::new(Cooldown::default());
+        let breaker = Breaker::new(slow());
         let t0 = Instant::now();
         breaker.on_overload(t0, false);
         breaker.on_overload(t0 + S(61), false);
@@ -251,7 +364,7 @@ mod tests {
     fn failed_probes_double_the_rest_up_to_the_cap() {
         let breaker = Breaker::new(Cooldown {
             overloads: 1,
-            ..Cooldown::default()
+            ..slow()
         });
         let mut now = Instant::now();
         breaker.on_overload(now, false);
@@ -272,7 +385,7 @@ mod tests {
     fn a_probe_that_ends_without_an_answer_frees_the_slot() {
         let breaker = Breaker::new(Cooldown {
             overloads: 1,
-            ..Cooldown::default()
+            ..slow()
         });
         let t0 = Instant::now();
         breaker.on_overload(t0, false);

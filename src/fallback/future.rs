@@ -11,9 +11,10 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::cooldown::Admission;
+use super::cooldown::{Admission, CallOnModel};
 use super::{FallbackRecord, ServedBy, Shared};
 use crate::body::ReplayableBody;
+use crate::breaker_signal::BreakerSignal;
 use crate::classify::{self, Class};
 use crate::headers::{self, RequestId};
 use crate::model::{self, Model};
@@ -57,6 +58,9 @@ struct FallbackCall<S, B> {
     probe: bool,
     /// Whether the breaker has heard how the current model's attempt ended.
     settled: bool,
+    /// The current model's breaker as the retry layer inside sees it, when
+    /// there is a next model to move on to.
+    signal: Option<Arc<CallOnModel>>,
     records: Vec<FallbackRecord>,
     /// The next model's request, while the service gets ready for it.
     pending: Option<Request<B>>,
@@ -132,6 +136,7 @@ where
             position: start,
             probe: false,
             settled: true,
+            signal: None,
             records: Vec::new(),
             pending: None,
         };
@@ -144,7 +149,7 @@ where
         } else {
             call.request_for(selected)
         };
-        let first = match routed {
+        let mut first = match routed {
             Some(request) => {
                 call.position = selected;
                 call.probe = probe;
@@ -162,6 +167,7 @@ where
             }
         };
         call.settled = false;
+        call.attach(&mut first);
         Ok((call, first))
     }
 
@@ -238,6 +244,25 @@ where
             .unwrap_or_else(|| self.requested.clone())
     }
 
+    /// Gives the request for the current model a [`BreakerSignal`], so that
+    /// the retry layer inside stops retrying it once its breaker opens
+    /// (defect 12). Not for the last model of the chain: nowhere to move on to.
+    fn attach(&mut self, request: &mut Request<B>) {
+        self.signal = None;
+        if self.position + 1 >= self.chain_len() {
+            return;
+        }
+        let signal = Arc::new(CallOnModel::new(
+            Arc::clone(&self.shared),
+            self.current_model(),
+            self.probe,
+        ));
+        request
+            .extensions_mut()
+            .insert(BreakerSignal::from_arc(signal.clone()));
+        self.signal = Some(signal);
+    }
+
     /// Tells the current model's breaker how its attempt ended.
     fn settle(&mut self, class: Option<Class>) {
         if self.settled {
@@ -248,9 +273,11 @@ where
             return;
         };
         match class {
-            Some(class) if self.shared.triggers.contains(&class) => {
-                breaker.on_overload(Instant::now(), self.probe);
-            }
+            // Counted once per call: the retry layer inside may have told it already.
+            Some(class) if self.shared.triggers.contains(&class) => match &self.signal {
+                Some(signal) => signal.count_overload(Instant::now()),
+                None => breaker.on_overload(Instant::now(), self.probe),
+            },
             Some(class) => breaker.on_other(self.probe, class == Class::Success),
             None if self.probe => breaker.release_probe(),
             None => {}
@@ -259,12 +286,26 @@ where
 
     /// After a triggering outcome: the next model's request, if the chain has one.
     fn next_request(&mut self) -> Option<Request<B>> {
-        let (position, probe) = self.select(self.position + 1, Instant::now())?;
-        let request = self.request_for(position)?;
+        let mut from = self.position + 1;
+        let (position, probe, mut request) = loop {
+            let (position, probe) = self.select(from, Instant::now())?;
+            match self.request_for(position) {
+                Some(request) => break (position, probe, request),
+                None => {
+                    // Defect 10: a probe slot taken for a model this call cannot
+                    // be sent to is given back, or that model is skipped for good.
+                    if probe && let Some(breaker) = self.breaker_at(position) {
+                        breaker.release_probe();
+                    }
+                    from = position + 1;
+                }
+            }
+        };
         let from = self.current_model();
         self.position = position;
         self.probe = probe;
         self.settled = false;
+        self.attach(&mut request);
         let to = self.current_model();
         let ids: Vec<&str> = self
             .records

@@ -22,8 +22,16 @@
 //! than another model's answer. This does not count toward its cooldown.
 //!
 //! A model that keeps answering "overloaded" is skipped for a while
-//! ([`Cooldown`]): not contacted at all, so a storm costs one wasted call,
-//! not one per request. After the rest, one call at a time probes it.
+//! ([`Cooldown`]): not contacted at all, so a storm costs a few wasted
+//! attempts, not one per request. With the retry layer inside, each attempt
+//! carries a [`BreakerSignal`](crate::breaker_signal::BreakerSignal) to its
+//! model's breaker (except on the last model of a chain): the breaker hears
+//! of a call's first overloaded attempt at once, and once it opens, calls
+//! still retrying that model stop at their next retry and move on, so a full
+//! outage costs about one attempt per call, not a whole retry loop. While the
+//! model rests, one call at a time probes it every few seconds (one attempt;
+//! if it fails, that call falls back as usual), and a successful probe brings
+//! the model back at once.
 //!
 //! Place it outside the retry layer: a model is given up only after its
 //! retries are spent. Bodies must be in memory to be rewritten

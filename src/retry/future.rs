@@ -15,6 +15,7 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use crate::body::{PeekedBody, ReplayableBody};
+use crate::breaker_signal::BreakerSignal;
 use crate::classify::{self, Class, Classification, Hints, MAX_SNIFF_BYTES};
 use crate::model::{self, Model};
 use crate::retry::policy::Rationing;
@@ -215,6 +216,14 @@ impl<B: ReplayableBody> Call<B> {
     }
 
     fn decide(&mut self, verdict: Classification, server_delay: Option<Duration>) -> Decision {
+        // Defect 12: the model's breaker (fallback layer outside) hears of every
+        // failed attempt, and a call stops retrying a model it has opened for.
+        if let Some(signal) = self.template.extensions().get::<BreakerSignal>() {
+            signal.on_failure(verdict.class);
+            if verdict.retryable && signal.should_stop(verdict.class) {
+                return Decision::Stop(StopReason::ModelUnavailable);
+            }
+        }
         let body_replayable = verdict.retryable && self.prepare_body();
         let outcome = Outcome {
             verdict,
@@ -225,6 +234,21 @@ impl<B: ReplayableBody> Call<B> {
         let policy = Arc::clone(&self.policy);
         let rng = self.rng.get_or_insert_with(|| policy.rng());
         policy.decide(&self.log, &outcome, rng)
+    }
+
+    /// After a backoff: the error that ends the call when the model's
+    /// breaker opened meanwhile (the last response is gone; its class lets
+    /// the fallback layer outside move on).
+    fn unavailable_after_wait(&mut self) -> Option<Error> {
+        let class = self.records.last()?.class;
+        let signal = self.template.extensions().get::<BreakerSignal>()?;
+        signal.should_stop(class).then(|| {
+            self.error(
+                StopReason::ModelUnavailable.error_kind(),
+                class,
+                StopReason::ModelUnavailable,
+            )
+        })
     }
 
     fn record(
@@ -666,6 +690,10 @@ where
                 }
                 StateProj::Waiting { sleep } => {
                     ready!(sleep.as_mut().poll(cx));
+                    if let Some(error) = this.call.unavailable_after_wait() {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error));
+                    }
                     this.state.set(State::Ready);
                     continue;
                 }

@@ -865,6 +865,16 @@ pub enum StopReason {
     BudgetExhausted,
     /// The request body cannot be sent again.
     BodyNotReplayable,
+    /// The model's circuit breaker opened while the call was retrying it
+    /// (a [`BreakerSignal`](crate::breaker_signal::BreakerSignal) from the
+    /// fallback layer outside said so): the call stops so that the next
+    /// model of its chain can answer, instead of finishing its retry loop.
+    /// When the backoff had already begun, the call ends with an
+    /// [`Error`](crate::Error) of kind
+    /// [`RetriesExhausted`](crate::ErrorKind::RetriesExhausted) and the last
+    /// attempt's class, which the fallback layer falls back on like the
+    /// response it stands for.
+    ModelUnavailable,
 }
 
 impl StopReason {
@@ -873,7 +883,9 @@ impl StopReason {
         use crate::ErrorKind;
         match self {
             StopReason::Success | StopReason::NotRetryable => ErrorKind::NotRetryable,
-            StopReason::AttemptsExhausted => ErrorKind::RetriesExhausted,
+            StopReason::AttemptsExhausted | StopReason::ModelUnavailable => {
+                ErrorKind::RetriesExhausted
+            }
             StopReason::DeadlineExceeded => ErrorKind::DeadlineExceeded,
             StopReason::ServerDelayTooLong(_) => ErrorKind::ServerDelayTooLong,
             StopReason::BudgetExhausted => ErrorKind::BudgetExhausted,
