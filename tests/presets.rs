@@ -282,5 +282,8 @@ async fn a_body_that_goes_silent_ends_with_a_timeout() {
         .downcast_ref::<tower_overload::Error>()
         .unwrap_or_else(|| panic!("not the crate's error: {error}"));
     assert_eq!(ours.kind(), ErrorKind::Timeout);
-    assert!(elapsed >= idle && elapsed <= idle + Duration::from_secs(1), "{elapsed:?}");
+    assert!(
+        elapsed >= idle && elapsed <= idle + Duration::from_secs(1),
+        "{elapsed:?}"
+    );
 }
