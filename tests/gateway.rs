@@ -186,9 +186,13 @@ async fn its_own_failures_answer_in_the_api_error_shape() {
         "{error}"
     );
 
-    // A spent deadline: 504 timeout_error naming the attempts.
+    // A spent deadline: 504 timeout_error naming the attempts. Each answer
+    // takes 2 s, so the second attempt is in flight when the 3 s deadline
+    // passes, whatever the jitter (with instant answers, five quick
+    // attempts could all fit in 3 s and end as a plain 529).
     let mock = MockUpstream::start().await;
     mock.set_default(Reply::overloaded());
+    mock.set_latency(Duration::from_secs(2));
     let config = gateway::Config {
         deadline: Some(Duration::from_secs(3)),
         ..config_for(&mock)

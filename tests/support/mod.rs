@@ -263,6 +263,7 @@ const NO_MODEL: &str = "<none>";
 impl MockUpstream {
     /// Starts a mock on 127.0.0.1 with a free port.
     pub async fn start() -> Self {
+        install_log_capture();
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -606,17 +607,62 @@ impl CapturedLogs {
     }
 }
 
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<CapturedLogs>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn capturing() -> bool {
+    CAPTURE.with(|capture| capture.borrow().is_some())
+}
+
+/// Stops capturing on this thread when dropped.
+pub struct CaptureGuard(Option<CapturedLogs>);
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        CAPTURE.with(|capture| *capture.borrow_mut() = previous);
+    }
+}
+
+/// Installs, once per test binary, the global subscriber that
+/// [`capture_logs`] routes to the capturing thread. [`MockUpstream::start`]
+/// calls it, so it is in place before any test can emit an event. With
+/// per-thread `set_default` subscribers, or a filter whose answer `tracing`
+/// caches per callsite, a callsite first reached by a test that does not
+/// capture stays disabled for the tests that do (the gateway's log test
+/// failed whenever another test ran first).
+pub fn install_log_capture() {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(|| {
+                CAPTURE
+                    .with(|capture| capture.borrow().clone())
+                    .unwrap_or_default()
+            })
+            .with_filter(
+                // Decided per event, never cached per callsite: whether a
+                // thread captures changes from test to test.
+                tracing_subscriber::filter::DynFilterFn::new(|_, _| capturing())
+                    .with_callsite_filter(|_| tracing::subscriber::Interest::sometimes()),
+            );
+        // Only fails if the binary set its own global subscriber first.
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer));
+    });
+}
+
 /// Captures every `tracing` event and span (TRACE and up, no colours) on
 /// this thread until the guard is dropped.
-pub fn capture_logs() -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
+pub fn capture_logs() -> (CapturedLogs, CaptureGuard) {
+    install_log_capture();
     let captured = CapturedLogs::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    (captured, tracing::subscriber::set_default(subscriber))
+    let previous = CAPTURE.with(|capture| capture.borrow_mut().replace(captured.clone()));
+    (captured, CaptureGuard(previous))
 }
 
 /// The request body type the tests send.
