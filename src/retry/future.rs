@@ -582,6 +582,32 @@ where
                     timer,
                     stream,
                 } => {
+                    // The caller has not seen the head yet, so the deadline
+                    // still bounds this read (a stalled body, a silent stream).
+                    if this.call.poll_timer(this.timer, cx, false).is_ready() {
+                        let (class, status, id) =
+                            parts
+                                .as_ref()
+                                .map_or((Class::Timeout, None, None), |parts| {
+                                    let class =
+                                        classify::classify(parts.status, &parts.headers, None)
+                                            .class;
+                                    let class = if class.is_failure() {
+                                        class
+                                    } else {
+                                        Class::Timeout
+                                    };
+                                    (
+                                        class,
+                                        Some(parts.status),
+                                        headers::request_id(&parts.headers),
+                                    )
+                                });
+                        this.call.record(class, status, id);
+                        let error = this.call.deadline_error(false);
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error));
+                    }
                     let mut failure = None;
                     let mut ended = false;
                     let limit = stream
