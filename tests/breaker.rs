@@ -613,3 +613,84 @@ async fn breaker_random_cancellation_gives_every_permit_and_slot_back() {
     }
     assert!(quota.available() <= 500);
 }
+
+/// Finding 4: the stream guard re-parses everything it has read before each
+/// frame, so a hostile (or merely byte-at-a-time) upstream that trickles
+/// `ping` events one byte per frame up to `max_peek_bytes` (64 KiB) costs
+/// quadratic CPU: about 2^31 bytes scanned for one call's first event.
+#[tokio::test(start_paused = true)]
+async fn breaker_a_byte_at_a_time_stream_costs_the_guard_linear_time() {
+    let ping = b"event: ping\ndata: {\"type\": \"ping\"}\n\n";
+    let bytes: Vec<u8> = ping.iter().copied().cycle().take(64 * 1024).collect();
+    let upstream = service_fn(move |_: Request<Full<Bytes>>| {
+        let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> = bytes
+            .iter()
+            .map(|&b| Ok(http_body::Frame::data(Bytes::copy_from_slice(&[b]))))
+            .collect();
+        async move {
+            let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+            let response = Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let service = ServiceBuilder::new()
+        .layer(OverloadRetryLayer::new(
+            RetryPolicy::foreground()
+                .stream_guard(Some(StreamGuard::default()))
+                .seed(12),
+        ))
+        .service(upstream);
+    let started = std::time::Instant::now();
+    let request = Request::new(Full::new(support::messages_body("claude-opus-4-6")));
+    let response = service.oneshot(request).await.expect("handed on");
+    let cpu = started.elapsed();
+    assert_eq!(response.status(), 200);
+    assert!(
+        cpu < Duration::from_millis(300),
+        "the guard spent {cpu:?} on 64 KiB"
+    );
+}
+
+/// The linear-time guard still sees an overloaded error event cut into
+/// single bytes with CRLF line ends after a `ping`, and retries it.
+#[tokio::test(start_paused = true)]
+async fn breaker_a_byte_at_a_time_crlf_error_event_is_still_retried() {
+    let error = "event: ping\r\ndata: {\"type\": \"ping\"}\r\n\r\nevent: error\r\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\r\n\r\n";
+    let content = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\"}\n\n";
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream = service_fn(move |_: Request<Full<Bytes>>| {
+        let text = if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            error
+        } else {
+            content
+        };
+        let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> = text
+            .bytes()
+            .map(|b| Ok(http_body::Frame::data(Bytes::copy_from_slice(&[b]))))
+            .collect();
+        async move {
+            let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+            let response = Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let service = ServiceBuilder::new()
+        .layer(OverloadRetryLayer::new(
+            RetryPolicy::foreground()
+                .stream_guard(Some(StreamGuard::default()))
+                .seed(13),
+        ))
+        .service(upstream);
+    let request = Request::new(Full::new(support::messages_body("claude-opus-4-6")));
+    let response = service.oneshot(request).await.expect("handed on");
+    let report = response.extensions().get::<RetryReport>().unwrap().clone();
+    assert_eq!(report.attempts.len(), 2, "{report:?}");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], content.as_bytes());
+}

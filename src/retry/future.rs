@@ -77,6 +77,40 @@ pin_project! {
 struct StreamPeek {
     guard: StreamGuard,
     seen: Vec<u8>,
+    /// Where the blocks not yet judged start: everything before is preamble.
+    judged: usize,
+    /// The first event with content, once a complete block showed it.
+    first: FirstEvent,
+}
+
+impl StreamPeek {
+    /// Adds `chunk` and judges only the blocks it completes, so a stream
+    /// trickled a byte per frame costs linear time, not a re-parse per frame.
+    fn feed(&mut self, chunk: &[u8]) {
+        let before = self.seen.len();
+        self.seen.extend_from_slice(chunk);
+        if self.first != FirstEvent::Incomplete {
+            return;
+        }
+        let seen = &self.seen;
+        // A block ends at a `\n` that closes an empty (or `\r`) line.
+        let ends_block = |i: usize| match i {
+            0 => true,
+            _ if seen[i - 1] == b'\n' => true,
+            1 => seen[0] == b'\r',
+            _ => seen[i - 1] == b'\r' && seen[i - 2] == b'\n',
+        };
+        let Some(end) = (before.max(self.judged)..seen.len())
+            .rev()
+            .find(|&i| seen[i] == b'\n' && i >= self.judged && ends_block(i))
+        else {
+            return;
+        };
+        match sse::first_event(&seen[self.judged..=end]) {
+            FirstEvent::Incomplete => self.judged = end + 1,
+            found => self.first = found,
+        }
+    }
 }
 
 /// Whether the stream guard should read the start of this response.
@@ -94,6 +128,8 @@ fn worth_peeking(
         Box::new(StreamPeek {
             guard,
             seen: Vec::new(),
+            judged: 0,
+            first: FirstEvent::Incomplete,
         })
     })
 }
@@ -620,7 +656,7 @@ where
                         };
                         while *len < limit {
                             if let Some(peek) = stream.as_ref()
-                                && sse::first_event(&peek.seen) != FirstEvent::Incomplete
+                                && peek.first != FirstEvent::Incomplete
                             {
                                 break;
                             }
@@ -639,7 +675,7 @@ where
                                         let chunk = data.copy_to_bytes(data.remaining());
                                         *len += chunk.len();
                                         if let Some(peek) = stream.as_mut() {
-                                            peek.seen.extend_from_slice(&chunk);
+                                            peek.feed(&chunk);
                                         }
                                         chunks.push(chunk);
                                     }
