@@ -725,7 +725,7 @@ where
                     let ready = match this.service.poll_ready(cx) {
                         Poll::Ready(ready) => ready,
                         Poll::Pending => {
-                            if let Poll::Ready(_) = this.call.poll_timer(this.timer, cx, false) {
+                            if this.call.poll_timer(this.timer, cx, false).is_ready() {
                                 this.state.set(State::Done);
                                 return Poll::Ready(Err(this.call.deadline_error(false)));
                             }
