@@ -93,7 +93,7 @@ impl Limits {
         ));
         let global = config
             .global_limit
-            .map(|n| Arc::new(Semaphore::new(n.max(1))));
+            .map(|n| Arc::new(Semaphore::new(n.clamp(1, Semaphore::MAX_PERMITS))));
         Self {
             config,
             keys: RwLock::new(Table::default()),
@@ -214,7 +214,8 @@ impl KeyState {
         configured: bool,
         stamp: u64,
     ) -> Self {
-        let limit = limit.max(1);
+        // tokio's semaphore panics past MAX_PERMITS; `usize::MAX` means "no cap" to a caller.
+        let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
         Self {
             key,
             semaphore: Arc::new(Semaphore::new(limit)),

@@ -78,6 +78,40 @@ pin_project! {
 struct StreamPeek {
     guard: StreamGuard,
     seen: Vec<u8>,
+    /// Where the blocks not yet judged start: everything before is preamble.
+    judged: usize,
+    /// The first event with content, once a complete block showed it.
+    first: FirstEvent,
+}
+
+impl StreamPeek {
+    /// Adds `chunk` and judges only the blocks it completes, so a stream
+    /// trickled a byte per frame costs linear time, not a re-parse per frame.
+    fn feed(&mut self, chunk: &[u8]) {
+        let before = self.seen.len();
+        self.seen.extend_from_slice(chunk);
+        if self.first != FirstEvent::Incomplete {
+            return;
+        }
+        let seen = &self.seen;
+        // A block ends at a `\n` that closes an empty (or `\r`) line.
+        let ends_block = |i: usize| match i {
+            0 => true,
+            _ if seen[i - 1] == b'\n' => true,
+            1 => seen[0] == b'\r',
+            _ => seen[i - 1] == b'\r' && seen[i - 2] == b'\n',
+        };
+        let Some(end) = (before.max(self.judged)..seen.len())
+            .rev()
+            .find(|&i| seen[i] == b'\n' && i >= self.judged && ends_block(i))
+        else {
+            return;
+        };
+        match sse::first_event(&seen[self.judged..=end]) {
+            FirstEvent::Incomplete => self.judged = end + 1,
+            found => self.first = found,
+        }
+    }
 }
 
 /// Whether the stream guard should read the start of this response.
@@ -95,6 +129,8 @@ fn worth_peeking(
         Box::new(StreamPeek {
             guard,
             seen: Vec::new(),
+            judged: 0,
+            first: FirstEvent::Incomplete,
         })
     })
 }
@@ -603,6 +639,32 @@ where
                     timer,
                     stream,
                 } => {
+                    // The caller has not seen the head yet, so the deadline
+                    // still bounds this read (a stalled body, a silent stream).
+                    if this.call.poll_timer(this.timer, cx, false).is_ready() {
+                        let (class, status, id) =
+                            parts
+                                .as_ref()
+                                .map_or((Class::Timeout, None, None), |parts| {
+                                    let class =
+                                        classify::classify(parts.status, &parts.headers, None)
+                                            .class;
+                                    let class = if class.is_failure() {
+                                        class
+                                    } else {
+                                        Class::Timeout
+                                    };
+                                    (
+                                        class,
+                                        Some(parts.status),
+                                        headers::request_id(&parts.headers),
+                                    )
+                                });
+                        this.call.record(class, status, id);
+                        let error = this.call.deadline_error(false);
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error));
+                    }
                     let mut failure = None;
                     let mut ended = false;
                     let mut tail = None;
@@ -616,7 +678,7 @@ where
                         };
                         while *len < limit {
                             if let Some(peek) = stream.as_ref()
-                                && sse::first_event(&peek.seen) != FirstEvent::Incomplete
+                                && peek.first != FirstEvent::Incomplete
                             {
                                 break;
                             }
@@ -635,7 +697,7 @@ where
                                         let chunk = data.copy_to_bytes(data.remaining());
                                         *len += chunk.len();
                                         if let Some(peek) = stream.as_mut() {
-                                            peek.seen.extend_from_slice(&chunk);
+                                            peek.feed(&chunk);
                                         }
                                         chunks.push(chunk);
                                     }
