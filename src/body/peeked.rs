@@ -244,7 +244,10 @@ where
                 };
                 if !idle.armed {
                     idle.armed = true;
-                    let deadline = Instant::now() + idle.timeout;
+                    // A timeout too long to represent is no timeout at all.
+                    let Some(deadline) = Instant::now().checked_add(idle.timeout) else {
+                        return Poll::Pending;
+                    };
                     match idle.sleep.as_mut() {
                         Some(sleep) => sleep.as_mut().reset(deadline),
                         None => idle.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
