@@ -133,11 +133,16 @@ type Upstream = OverloadService<Client<Connector, Full<Bytes>>>;
 
 /// The full stack on a hyper-util client that speaks http and https.
 pub fn upstream_service(config: &Config) -> Upstream {
+    // Nagle's algorithm would hold back small writes on a reused
+    // connection until the peer's delayed ACK (tens of milliseconds).
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
-        .build();
+        .wrap_connector(http);
     let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(https);
     let mut retry = if config.background {
         RetryPolicy::background()
@@ -170,6 +175,8 @@ pub async fn serve(config: Config, listener: TcpListener) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // Streamed events go out as they come, not when an ACK lets Nagle flush.
+        let _ = stream.set_nodelay(true);
         let upstream = upstream.clone();
         let base = config.upstream.clone();
         tokio::spawn(async move {

@@ -47,11 +47,16 @@ async fn main() -> Result<(), BoxError> {
         }
     );
 
+    // hyper-util leaves Nagle's algorithm on; small writes on a reused
+    // connection would wait for a delayed ACK.
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
-        .build();
+        .wrap_connector(http);
     let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(https);
     let service = OverloadStack::new()
         .retry(RetryPolicy::foreground())

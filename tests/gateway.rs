@@ -126,6 +126,39 @@ async fn streams_pass_through_chunk_by_chunk() {
     assert_eq!(start.elapsed(), Duration::from_secs(12));
 }
 
+/// The second stream on a kept-alive connection (client to gateway and
+/// gateway to upstream) is as live as the first: with Nagle's algorithm on,
+/// its small event writes waited for the peer's delayed ACK.
+#[tokio::test(start_paused = true)]
+async fn a_second_stream_on_a_reused_connection_is_not_held_back() {
+    let mock = MockUpstream::start().await;
+    mock.push([
+        Reply::sse_message().chunk_interval(Duration::from_secs(3)),
+        Reply::sse_message().chunk_interval(Duration::from_secs(3)),
+    ]);
+    let gateway = start(config_for(&mock)).await;
+    let client = client();
+    for round in 0..2 {
+        let start = tokio::time::Instant::now();
+        let response = client
+            .request(call(gateway, "claude-sonnet-4-6"))
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        let mut arrivals = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if frame.unwrap().is_data() {
+                arrivals.push(start.elapsed().as_secs());
+            }
+        }
+        assert_eq!(
+            arrivals,
+            [3, 6, 9, 12],
+            "round {round}: one event every 3 s"
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_fallback_names_the_model_that_served() {
     let mock = MockUpstream::start().await;

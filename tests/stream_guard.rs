@@ -24,14 +24,8 @@ const DELTA: &str =
 const STOP: &str = r#"{"type":"message_stop"}"#;
 
 fn guarded(guard: StreamGuard) -> RetryPolicy {
-    // These tests are about the guard, not the presets (tests/presets.rs
-    // runs those as shipped). Off here: on tokio's paused clock a loopback
-    // read that is not ready at once lets the clock jump to the next timer,
-    // and the idle timer turned such a jump at the end of the fallback
-    // test's stream into a spurious timeout.
     RetryPolicy::foreground()
         .budget(None)
-        .idle_timeout(None)
         .seed(5)
         .stream_guard(Some(guard))
 }

@@ -276,6 +276,11 @@ impl MockUpstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                // Without it, Nagle holds a reused connection's small writes
+                // until a delayed ACK: tens of real milliseconds, in which a
+                // paused clock jumps to the next timer (a stream guard's peek
+                // or an idle timeout then fired with the data on its way).
+                let _ = stream.set_nodelay(true);
                 let state = Arc::clone(&server_state);
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
@@ -670,7 +675,9 @@ pub type TestBody = Full<Bytes>;
 
 /// A real hyper-util client over plain HTTP/1.
 pub fn client() -> Client<HttpConnector, TestBody> {
-    Client::builder(TokioExecutor::new()).build_http()
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// A Messages API request body for `model`.
