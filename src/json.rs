@@ -196,6 +196,20 @@ fn skip_container(bytes: &[u8], at: usize) -> Option<usize> {
     }
 }
 
+/// A member's key at `cursor` (its opening quote) and where its value
+/// starts, past the colon and any whitespace.
+fn member_head(bytes: &[u8], cursor: usize) -> Option<(RawString<'_>, usize)> {
+    if *bytes.get(cursor)? != b'"' {
+        return None;
+    }
+    let (name, after_name) = scan_string(bytes, cursor)?;
+    let colon = skip_ws(bytes, after_name);
+    if *bytes.get(colon)? != b':' {
+        return None;
+    }
+    Some((name, skip_ws(bytes, colon + 1)))
+}
+
 /// Walks the members of the object starting at `at` (whitespace allowed before it)
 /// and returns where the value of the first member named `key` starts.
 ///
@@ -212,15 +226,7 @@ pub(crate) fn find_member(bytes: &[u8], at: usize, key: &str) -> Option<usize> {
         return None;
     }
     loop {
-        if *bytes.get(cursor)? != b'"' {
-            return None;
-        }
-        let (name, after_name) = scan_string(bytes, cursor)?;
-        cursor = skip_ws(bytes, after_name);
-        if *bytes.get(cursor)? != b':' {
-            return None;
-        }
-        let start = skip_ws(bytes, cursor + 1);
+        let (name, start) = member_head(bytes, cursor)?;
         if name.eq_str(key) {
             return Some(start);
         }
@@ -289,15 +295,7 @@ impl<'a> Members<'a> {
                 _ => return None,
             }
         }
-        if *bytes.get(cursor)? != b'"' {
-            return None;
-        }
-        let (name, after_name) = scan_string(bytes, cursor)?;
-        cursor = skip_ws(bytes, after_name);
-        if *bytes.get(cursor)? != b':' {
-            return None;
-        }
-        let start = skip_ws(bytes, cursor + 1);
+        let (name, start) = member_head(bytes, cursor)?;
         let end = skip_value(bytes, start)?;
         self.cursor = end;
         self.state = MembersState::Next;

@@ -109,6 +109,26 @@ impl ReplayableBody for String {
     }
 }
 
+/// A body of the given chunks, for the body modules' tests.
+#[cfg(test)]
+pub(crate) mod test_stream {
+    use bytes::Bytes;
+    use http_body::Frame;
+    use http_body_util::StreamBody;
+
+    pub(crate) type Chunks = Vec<Result<Frame<Bytes>, std::io::Error>>;
+    pub(crate) type TestStream =
+        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>>;
+
+    pub(crate) fn stream(parts: &[&'static str]) -> TestStream {
+        let chunks: Chunks = parts
+            .iter()
+            .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
+            .collect();
+        StreamBody::new(futures::stream::iter(chunks))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -310,19 +310,8 @@ impl<B: Body> fmt::Debug for PeekedBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::test_stream::stream;
     use http_body_util::{BodyExt, StreamBody};
-
-    type Chunks = Vec<Result<Frame<Bytes>, std::io::Error>>;
-    type TestStream =
-        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>>;
-
-    fn stream(parts: &[&'static str]) -> TestStream {
-        let chunks: Chunks = parts
-            .iter()
-            .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
-            .collect();
-        StreamBody::new(futures::stream::iter(chunks))
-    }
 
     #[tokio::test]
     async fn peeked_bodies_yield_prefix_error_then_nothing() {

@@ -358,19 +358,8 @@ impl<B> fmt::Debug for ReplayBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::test_stream::{Chunks, stream};
     use http_body_util::{BodyExt, Full, StreamBody};
-
-    type Chunks = Vec<Result<Frame<Bytes>, std::io::Error>>;
-    type TestStream =
-        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>>;
-
-    fn stream(parts: &[&'static str]) -> TestStream {
-        let chunks: Chunks = parts
-            .iter()
-            .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
-            .collect();
-        StreamBody::new(futures::stream::iter(chunks))
-    }
 
     #[tokio::test]
     async fn replays_without_copying_bytes() {
