@@ -366,6 +366,7 @@ fn read_bounded(decoder: impl Read) -> Option<Vec<u8>> {
 /// may be a spend limit. The server's `x-should-retry` plays no part: it says
 /// whether to retry, the body says which class (and so the backoff, the
 /// fallback and the adaptive limit).
+#[cfg_attr(not(feature = "retry"), allow(dead_code))]
 pub(crate) fn body_may_change(class: Class, headers: &HeaderMap) -> bool {
     match class {
         Class::ServerError => true,

@@ -39,6 +39,22 @@
 //! assert!(verdict.retryable);
 //! ```
 
+//! ## Cargo features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `retry` | yes | [`OverloadRetryLayer`], [`RetryPolicy`], the stream guard |
+//! | `concurrency` | yes | [`ConcurrencyPerModelLayer`] |
+//! | `fallback` | yes | [`ModelFallbackLayer`] |
+//! | `request-id` | yes | [`RequestIdLogLayer`], `OverloadStats` |
+//! | `hyper-util` | no | precise classification of hyper-util's client errors |
+//! | `reqwest` | no | a `tower::Service` over `reqwest::Client`, and a classifier of reqwest's errors |
+//! | `reqwest-middleware` | no | the crate's layers as a `reqwest_middleware::Middleware` |
+//!
+//! The policy core is always built; [`stack`] needs the four default layer
+//! features. On docs.rs every item says which feature it needs.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![warn(
     missing_debug_implementations,
@@ -54,16 +70,20 @@ pub mod breaker_signal;
 pub mod budget;
 pub mod classify;
 #[cfg(feature = "concurrency")]
+#[cfg_attr(docsrs, doc(cfg(feature = "concurrency")))]
 pub mod concurrency;
 mod error;
 #[cfg(feature = "fallback")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
 pub mod fallback;
 pub mod headers;
 mod json;
 pub mod model;
 #[cfg(feature = "request-id")]
+#[cfg_attr(docsrs, doc(cfg(feature = "request-id")))]
 pub mod request_id;
 #[cfg(feature = "retry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;
 pub mod sse;
 #[cfg(all(
@@ -72,6 +92,15 @@ pub mod sse;
     feature = "fallback",
     feature = "request-id"
 ))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(all(
+        feature = "retry",
+        feature = "concurrency",
+        feature = "fallback",
+        feature = "request-id"
+    )))
+)]
 pub mod stack;
 #[cfg(any(feature = "retry", feature = "fallback"))]
 mod template;
@@ -80,3 +109,43 @@ mod time;
 pub use error::{BoxError, Error, ErrorKind};
 pub use headers::RequestId;
 pub use model::Model;
+
+#[cfg(feature = "concurrency")]
+#[cfg_attr(docsrs, doc(cfg(feature = "concurrency")))]
+pub use concurrency::ConcurrencyPerModelLayer;
+#[cfg(feature = "fallback")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
+pub use fallback::ModelFallbackLayer;
+#[cfg(feature = "request-id")]
+#[cfg_attr(docsrs, doc(cfg(feature = "request-id")))]
+pub use request_id::RequestIdLogLayer;
+#[cfg(feature = "retry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
+pub use retry::{OverloadRetryLayer, RetryPolicy};
+#[cfg(all(
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(all(
+        feature = "retry",
+        feature = "concurrency",
+        feature = "fallback",
+        feature = "request-id"
+    )))
+)]
+pub use stack::{OverloadStack, ServiceBuilderExt};
+
+/// The README's Rust snippets, compiled as doctests so that what it shows works.
+#[cfg(all(
+    doctest,
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -12,18 +12,18 @@
 //!
 //! The layer wraps any `Service<http::Request<B>, Response = http::Response<R>>`
 //! (hyper-util's client, a reqwest adapter, a gateway). Request bodies are
-//! replayed through [`ReplayableBody`](crate::body::ReplayableBody):
+//! replayed through [`ReplayableBody`]:
 //! `Full<Bytes>` by reference count; any other body wrapped in a
 //! [`ReplayBody`](crate::body::ReplayBody), which keeps what the first
 //! attempt streams up to a cap, past which the request is sent once and the
 //! [`RetryReport`] says why. A failed response's first bytes may be read to
 //! classify it (a 500 that says "Overloaded"), and are handed back to the
-//! caller in a [`PeekedBody`](crate::body::PeekedBody), so no byte is lost.
+//! caller in a [`PeekedBody`], so no byte is lost.
 //!
 //! By default the last upstream response is returned as it came, with a
 //! [`RetryReport`] extension; [`FinalFailure::Error`] turns a final failure
-//! into the crate's [`Error`](crate::Error). Errors of the inner service are
-//! judged by a [`ClassifyError`] and always surface as [`Error`](crate::Error).
+//! into the crate's [`Error`]. Errors of the inner service are
+//! judged by a [`ClassifyError`] and always surface as [`Error`].
 //!
 //! ```
 //! use std::time::Duration;
