@@ -39,6 +39,38 @@
 //! assert!(verdict.retryable);
 //! ```
 
+//! ## On your HTTP client
+//!
+//! Any `tower::Service<http::Request<B>>` works. With hyper-util's client:
+//!
+//! ```
+//! # #[cfg(all(feature = "retry", feature = "concurrency", feature = "fallback", feature = "request-id"))]
+//! # fn main() {
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use hyper_util::client::legacy::{Client, connect::HttpConnector};
+//! use hyper_util::rt::TokioExecutor;
+//! use tower::Layer;
+//! use tower_overload::{ModelFallbackLayer, OverloadStack, RetryPolicy};
+//!
+//! let mut connector = HttpConnector::new();
+//! connector.set_nodelay(true); // streamed events go out as they come
+//! let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(connector);
+//! let client = OverloadStack::new()
+//!     .retry(RetryPolicy::foreground())
+//!     .fallback(ModelFallbackLayer::new(["claude-opus-4-6", "claude-sonnet-4-6"]))
+//!     .layer(client);
+//! # let _ = client;
+//! # }
+//! # #[cfg(not(all(feature = "retry", feature = "concurrency", feature = "fallback", feature = "request-id")))]
+//! # fn main() {}
+//! ```
+//!
+//! With reqwest, the `reqwest` feature ships the service over
+//! `reqwest::Client`, and the `reqwest-middleware` feature runs the same
+//! layers inside a `reqwest_middleware::ClientWithMiddleware`; their
+//! modules open with an example each.
+//!
 //! ## Cargo features
 //!
 //! | feature | default | what it adds |
