@@ -63,6 +63,9 @@ mod json;
 pub mod model;
 #[cfg(feature = "request-id")]
 pub mod request_id;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 #[cfg(feature = "retry")]
 pub mod retry;
 pub mod sse;
