@@ -15,7 +15,7 @@ use http::{Request, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use support::{MockUpstream, Reply, messages_body, messages_request};
-use tower::{Layer, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_overload::classify::Class;
 use tower_overload::fallback::{ModelFallbackLayer, ServedBy};
 use tower_overload::reqwest::{ReqwestErrorClassifier, ReqwestService};
@@ -35,7 +35,7 @@ fn reqwest_client(builder: reqwest::ClientBuilder) -> reqwest::Client {
     builder.build().expect("a reqwest client")
 }
 
-fn adapter() -> ReqwestService {
+fn adapter<B>() -> ReqwestService<B> {
     ReqwestService::new(reqwest_client(reqwest::Client::builder()))
 }
 
@@ -272,7 +272,7 @@ async fn fallback_on_reqwest_shows_served_by() {
 #[tokio::test(start_paused = true)]
 async fn bodies_reach_the_upstream_byte_for_byte() {
     let mock = MockUpstream::start().await;
-    let service = adapter();
+    let client = reqwest_client(reqwest::Client::builder());
     let json = messages_body(OPUS);
     let url = mock.url("/v1/messages");
 
@@ -280,15 +280,25 @@ async fn bodies_reach_the_upstream_byte_for_byte() {
     let request = Request::post(url.clone())
         .body(Full::new(json.clone()))
         .unwrap();
-    let response = service.clone().oneshot(request).await.unwrap();
+    let mut full = ReqwestService::new(client.clone());
+    // `ready` infers the body type from the call that follows.
+    let response = full.ready().await.unwrap().call(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 
     let text = String::from("{\"model\":\"claude-haiku-4-5\",\"note\":\"é ✓\"}");
     let request = Request::post(url.clone()).body(text.clone()).unwrap();
-    service.clone().oneshot(request).await.unwrap();
+    ReqwestService::new(client.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
 
-    let request = Request::get(url.clone()).body(Empty::<Bytes>::new()).unwrap();
-    service.clone().oneshot(request).await.unwrap();
+    let request = Request::get(url.clone())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    ReqwestService::new(client.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
 
     // A stream of unknown length, sent as it comes.
     let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = json
@@ -298,7 +308,10 @@ async fn bodies_reach_the_upstream_byte_for_byte() {
     let request = Request::post(url)
         .body(StreamBody::new(futures::stream::iter(chunks)))
         .unwrap();
-    service.clone().oneshot(request).await.unwrap();
+    ReqwestService::new(client.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
 
     let seen = mock.requests();
     assert_eq!(seen.len(), 4);

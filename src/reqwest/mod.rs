@@ -84,11 +84,14 @@ mod body;
 mod classify;
 pub mod future;
 
+use std::fmt;
+use std::marker::PhantomData;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
+use http_body_util::Full;
 use tower_service::Service;
 
 use crate::BoxError;
@@ -98,10 +101,12 @@ pub(crate) use self::classify::verdict;
 
 /// A [`reqwest::Client`] as a `tower::Service<http::Request<B>>`.
 ///
-/// `B` is any `http_body::Body` whose data turns into [`Bytes`]; the response
-/// is an `http::Response<reqwest::Body>` and the error a [`reqwest::Error`].
-/// Cloning is cheap (reqwest's client is a reference count); every clone
-/// shares the client's connection pool.
+/// `B` is the request body: any `http_body::Body` whose data turns into
+/// [`Bytes`], `Full<Bytes>` unless named. It is a type parameter, as in
+/// hyper-util's `Client`, so that `service.ready().await?.call(request)`
+/// infers it. The response is an `http::Response<reqwest::Body>` and the
+/// error a [`reqwest::Error`]. Cloning is cheap (reqwest's client is a
+/// reference count); every clone shares the client's connection pool.
 ///
 /// ```
 /// use bytes::Bytes;
@@ -111,34 +116,38 @@ pub(crate) use self::classify::verdict;
 ///
 /// fn is_a_client<S: Service<http::Request<Full<Bytes>>> + Clone>(_: &S) {}
 ///
-/// let service = ReqwestService::new(reqwest::Client::new());
+/// let service: ReqwestService = ReqwestService::new(reqwest::Client::new());
 /// is_a_client(&service);
-/// let service: ReqwestService = reqwest::Client::new().into();
-/// # let _ = service;
+/// // Another body type, on the same connection pool.
+/// let strings: ReqwestService<String> = service.get_ref().clone().into();
+/// # let _ = strings;
 /// ```
-#[derive(Debug, Clone)]
-pub struct ReqwestService {
+pub struct ReqwestService<B = Full<Bytes>> {
     client: reqwest::Client,
+    _body: PhantomData<fn(B)>,
 }
 
 // ===== impl ReqwestService =====
 
-impl ReqwestService {
+impl<B> ReqwestService<B> {
     /// Serves requests with `client`.
     ///
     /// ```
     /// # use tower_overload::reqwest::ReqwestService;
-    /// let service = ReqwestService::new(reqwest::Client::new());
+    /// let service: ReqwestService = ReqwestService::new(reqwest::Client::new());
     /// ```
     pub const fn new(client: reqwest::Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            _body: PhantomData,
+        }
     }
 
     /// The client.
     ///
     /// ```
     /// # use tower_overload::reqwest::ReqwestService;
-    /// let service = ReqwestService::new(reqwest::Client::new());
+    /// let service: ReqwestService = ReqwestService::new(reqwest::Client::new());
     /// let _builder = service.get_ref().get("http://127.0.0.1:8080/health");
     /// ```
     pub fn get_ref(&self) -> &reqwest::Client {
@@ -149,7 +158,7 @@ impl ReqwestService {
     ///
     /// ```
     /// # use tower_overload::reqwest::ReqwestService;
-    /// let mut service = ReqwestService::new(reqwest::Client::new());
+    /// let mut service: ReqwestService = ReqwestService::new(reqwest::Client::new());
     /// *service.get_mut() = reqwest::Client::new();
     /// ```
     pub fn get_mut(&mut self) -> &mut reqwest::Client {
@@ -160,20 +169,35 @@ impl ReqwestService {
     ///
     /// ```
     /// # use tower_overload::reqwest::ReqwestService;
-    /// let client: reqwest::Client = ReqwestService::new(reqwest::Client::new()).into_inner();
+    /// let service: ReqwestService = ReqwestService::new(reqwest::Client::new());
+    /// let client: reqwest::Client = service.into_inner();
     /// ```
     pub fn into_inner(self) -> reqwest::Client {
         self.client
     }
 }
 
-impl From<reqwest::Client> for ReqwestService {
+impl<B> Clone for ReqwestService<B> {
+    fn clone(&self) -> Self {
+        Self::new(self.client.clone())
+    }
+}
+
+impl<B> fmt::Debug for ReqwestService<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReqwestService")
+            .field("client", &self.client)
+            .finish()
+    }
+}
+
+impl<B> From<reqwest::Client> for ReqwestService<B> {
     fn from(client: reqwest::Client) -> Self {
         Self::new(client)
     }
 }
 
-impl<B> Service<Request<B>> for ReqwestService
+impl<B> Service<Request<B>> for ReqwestService<B>
 where
     B: Body + Send + Sync + Unpin + 'static,
     B::Data: Into<Bytes>,
