@@ -13,16 +13,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body::Frame;
-use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use http_body_util::{Empty, Full, StreamBody};
 use support::{MockUpstream, Reply, messages_body, messages_request};
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_overload::classify::Class;
-use tower_overload::fallback::{ModelFallbackLayer, ServedBy};
 use tower_overload::reqwest::{ReqwestErrorClassifier, ReqwestService};
 use tower_overload::retry::{
     ClassifyError, DefaultErrorClassifier, OverloadRetryLayer, RetryPolicy, RetryReport,
 };
-use tower_overload::stack::OverloadStack;
 use tower_overload::{BoxError, ErrorKind};
 
 const OPUS: &str = "claude-opus-4-6";
@@ -55,8 +53,14 @@ fn report<T>(response: &http::Response<T>) -> &RetryReport {
         .expect("a retry report")
 }
 
+// The whole stack needs every layer.
+#[cfg(all(feature = "concurrency", feature = "fallback", feature = "request-id"))]
 #[tokio::test(start_paused = true)]
 async fn a_529_storm_is_absorbed_by_the_stack_on_reqwest() {
+    use http_body_util::BodyExt;
+    use tower::Layer;
+    use tower_overload::stack::OverloadStack;
+
     let mock = MockUpstream::start().await;
     mock.push([
         Reply::overloaded(),
@@ -245,8 +249,14 @@ async fn a_dropped_connection_is_retried_on_reqwest() {
     assert_eq!(report(&response).attempts[0].class, Class::Transport);
 }
 
+// The whole stack needs every layer.
+#[cfg(all(feature = "concurrency", feature = "fallback", feature = "request-id"))]
 #[tokio::test(start_paused = true)]
 async fn fallback_on_reqwest_shows_served_by() {
+    use tower::Layer;
+    use tower_overload::fallback::{ModelFallbackLayer, ServedBy};
+    use tower_overload::stack::OverloadStack;
+
     let mock = MockUpstream::start().await;
     mock.push_for_model(OPUS, std::iter::repeat_n(Reply::overloaded(), 3));
     let service = OverloadStack::new()

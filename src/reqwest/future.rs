@@ -22,6 +22,7 @@ pin_project! {
     /// Converts the request on its first poll, then awaits reqwest.
     ///
     /// ```
+    /// # let _ = rustls::crypto::ring::default_provider().install_default(); // the dev build of reqwest has no TLS provider
     /// use bytes::Bytes;
     /// use http_body_util::Full;
     /// use tower::Service;

@@ -12,7 +12,7 @@
 //! - the response comes back as an `http::Response<reqwest::Body>`, which is
 //!   an `http_body::Body`, with the request's extensions still reachable on
 //!   it (the layers outside add [`RetryReport`](crate::retry::RetryReport),
-//!   [`ServedBy`](crate::fallback::ServedBy) and the rest).
+//!   `ServedBy` and the rest).
 //!
 //! Its error is [`reqwest::Error`], as the client returned it. The retry
 //! layer boxes it and asks its [`ClassifyError`](crate::retry::ClassifyError)
@@ -25,9 +25,11 @@
 //! TLS is reqwest's business: enable the reqwest TLS feature you want in your
 //! own `Cargo.toml` (this crate turns none on).
 //!
-//! Under the whole [`OverloadStack`](crate::stack::OverloadStack):
+//! Under the whole `OverloadStack` (the default features):
 //!
 //! ```
+//! # #[cfg(all(feature = "concurrency", feature = "fallback", feature = "request-id"))]
+//! # async fn call() -> Result<(), tower_overload::BoxError> {
 //! use bytes::Bytes;
 //! use http_body_util::Full;
 //! use tower::{Layer, ServiceExt};
@@ -35,7 +37,6 @@
 //! use tower_overload::retry::RetryPolicy;
 //! use tower_overload::stack::OverloadStack;
 //!
-//! # async fn call() -> Result<(), tower_overload::BoxError> {
 //! let client = reqwest::Client::builder()
 //!     .timeout(std::time::Duration::from_secs(600))
 //!     .build()?;
@@ -109,6 +110,7 @@ pub(crate) use self::classify::verdict;
 /// reference count); every clone shares the client's connection pool.
 ///
 /// ```
+/// # let _ = rustls::crypto::ring::default_provider().install_default(); // the dev build of reqwest has no TLS provider
 /// use bytes::Bytes;
 /// use http_body_util::Full;
 /// use tower::Service;
@@ -133,6 +135,7 @@ impl<B> ReqwestService<B> {
     /// Serves requests with `client`.
     ///
     /// ```
+    /// # let _ = rustls::crypto::ring::default_provider().install_default(); // the dev build of reqwest has no TLS provider
     /// # use tower_overload::reqwest::ReqwestService;
     /// let service: ReqwestService = ReqwestService::new(reqwest::Client::new());
     /// ```
@@ -146,6 +149,7 @@ impl<B> ReqwestService<B> {
     /// The client.
     ///
     /// ```
+    /// # let _ = rustls::crypto::ring::default_provider().install_default(); // the dev build of reqwest has no TLS provider
     /// # use tower_overload::reqwest::ReqwestService;
     /// let service: ReqwestService = ReqwestService::new(reqwest::Client::new());
     /// let _builder = service.get_ref().get("http://127.0.0.1:8080/health");
@@ -157,6 +161,7 @@ impl<B> ReqwestService<B> {
     /// The client, mutably.
     ///
     /// ```
+    /// # let _ = rustls::crypto::ring::default_provider().install_default(); // the dev build of reqwest has no TLS provider
     /// # use tower_overload::reqwest::ReqwestService;
     /// let mut service: ReqwestService = ReqwestService::new(reqwest::Client::new());
     /// *service.get_mut() = reqwest::Client::new();
@@ -168,6 +173,7 @@ impl<B> ReqwestService<B> {
     /// Unwraps the client.
     ///
     /// ```
+    /// # let _ = rustls::crypto::ring::default_provider().install_default(); // the dev build of reqwest has no TLS provider
     /// # use tower_overload::reqwest::ReqwestService;
     /// let service: ReqwestService = ReqwestService::new(reqwest::Client::new());
     /// let client: reqwest::Client = service.into_inner();

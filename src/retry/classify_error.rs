@@ -53,8 +53,7 @@ pub trait ClassifyError: fmt::Debug + Send + Sync {
 ///   to connect, or a hyper error for a connection closed or canceled before
 ///   a complete response;
 /// - with the `reqwest` feature, a `reqwest::Error` judged as
-///   [`ReqwestErrorClassifier`](crate::reqwest::ReqwestErrorClassifier)
-///   judges it (its timeouts as [`Class::Timeout`], its connection failures
+///   `tower_overload::reqwest::ReqwestErrorClassifier` judges it (its timeouts as [`Class::Timeout`], its connection failures
 ///   as [`Class::Transport`]).
 ///
 /// Anything else is a [`Class::Transport`] error that is not retried: an
