@@ -1,56 +1,29 @@
-//! The full stack on reqwest.
+//! The full stack on reqwest, through the shipped adapter.
 //!
-//! `reqwest::Client` is a `tower::Service<reqwest::Request>`; the layers
-//! serve `http::Request`s. The adapter below (a dozen lines) converts both
-//! ways: an `http::Request<Full<Bytes>>` becomes a `reqwest::Request`, and a
-//! `reqwest::Response` becomes an `http::Response<reqwest::Body>` (which is
-//! an `http_body::Body`). Then the stack wraps it like any other client.
+//! [`ReqwestService`] makes a `reqwest::Client` a
+//! `tower::Service<http::Request<B>>` answering `http::Response<reqwest::Body>`
+//! (an `http_body::Body`); the stack wraps it like any other client, and
+//! reqwest's own timeouts are classified and retried like hyper-util's.
 //!
 //! With `ANTHROPIC_API_KEY` set, one real call to `https://api.anthropic.com`
 //! (rustls); without it, the embedded loopback mock, which answers 529 once
 //! and then 429 with `retry-after: 1` first.
 //!
-//! `cargo run --example reqwest`
+//! `cargo run --example reqwest --features reqwest`
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, ServiceExt};
 use tower_overload::BoxError;
+use tower_overload::reqwest::ReqwestService;
 use tower_overload::retry::{RetryPolicy, RetryReport};
 use tower_overload::stack::OverloadStack;
-
-/// `reqwest::Client` as a `Service<http::Request<Full<Bytes>>>`.
-#[derive(Clone)]
-struct Reqwest(reqwest::Client);
-
-impl Service<Request<Full<Bytes>>> for Reqwest {
-    type Response = http::Response<reqwest::Body>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
-        let client = self.0.clone();
-        Box::pin(async move {
-            let (parts, body) = request.into_parts();
-            // A Full body is already in memory: collecting it is a reference-count clone.
-            let body = body.collect().await?.to_bytes();
-            let request = reqwest::Request::try_from(Request::from_parts(parts, body))?;
-            Ok(http::Response::from(client.execute(request).await?))
-        })
-    }
-}
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
@@ -86,7 +59,13 @@ async fn main() -> Result<(), BoxError> {
 
     let service = OverloadStack::new()
         .retry(RetryPolicy::foreground())
-        .layer(Reqwest(reqwest::Client::new()));
+        .layer(ReqwestService::new(
+            // reqwest's timeout bounds each attempt; the retry layer retries it.
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(600))
+                .build()?,
+        ));
 
     let body = serde_json::json!({
         "model": "claude-haiku-4-5",

@@ -51,7 +51,10 @@ pub trait ClassifyError: fmt::Debug + Send + Sync {
 ///   `UnexpectedEof` or `Interrupted` (as [`Class::Transport`]);
 /// - with the `hyper-util` feature, a hyper-util client error that failed
 ///   to connect, or a hyper error for a connection closed or canceled before
-///   a complete response.
+///   a complete response;
+/// - with the `reqwest` feature, a `reqwest::Error` judged as
+///   `tower_overload::reqwest::ReqwestErrorClassifier` judges it (its timeouts as [`Class::Timeout`], its connection failures
+///   as [`Class::Transport`]).
 ///
 /// Anything else is a [`Class::Transport`] error that is not retried: an
 /// error the layer does not understand is surfaced rather than repeated.
@@ -114,6 +117,13 @@ fn known(error: &(dyn StdError + 'static)) -> Option<Classification> {
             .get_ref()
             .and_then(|inner| known(inner))
             .or(Some(Classification::transport(false)));
+    }
+    #[cfg(feature = "reqwest")]
+    if let Some(verdict) = error
+        .downcast_ref::<reqwest::Error>()
+        .and_then(crate::reqwest::verdict)
+    {
+        return Some(verdict);
     }
     #[cfg(feature = "hyper-util")]
     if let Some(client) = error.downcast_ref::<hyper_util::client::legacy::Error>()
