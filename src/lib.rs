@@ -63,6 +63,9 @@ mod json;
 pub mod model;
 #[cfg(feature = "request-id")]
 pub mod request_id;
+#[cfg(feature = "reqwest-middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest-middleware")))]
+pub mod reqwest_middleware;
 #[cfg(feature = "retry")]
 pub mod retry;
 pub mod sse;
