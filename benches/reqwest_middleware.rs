@@ -66,6 +66,11 @@ fn bench_reqwest_middleware(c: &mut Criterion) {
         .with(OverloadMiddleware::new(OverloadStack::new()))
         .build();
 
+    // No layers: what the conversions to and from http types cost alone.
+    let conversions = ClientBuilder::new(reqwest::Client::new())
+        .with(OverloadMiddleware::new(tower::ServiceBuilder::new()))
+        .build();
+
     let mut group = c.benchmark_group("reqwest_middleware_call");
     group.bench_function("reqwest/client", |b| {
         b.iter(|| {
@@ -99,6 +104,20 @@ fn bench_reqwest_middleware(c: &mut Criterion) {
         b.iter(|| {
             runtime.block_on(async {
                 let response = ours
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(black_box(body.clone()))
+                    .send()
+                    .await
+                    .unwrap();
+                response.bytes().await.unwrap()
+            })
+        })
+    });
+    group.bench_function("tower_overload/overload_middleware_no_layers", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let response = conversions
                     .post(&url)
                     .header("content-type", "application/json")
                     .body(black_box(body.clone()))

@@ -1,4 +1,4 @@
-//! The crate's layers as a [`reqwest_middleware::Middleware`](::reqwest_middleware::Middleware).
+//! The crate's layers as a [`reqwest_middleware::Middleware`].
 //!
 //! Many Rust clients of LLM APIs take a `reqwest_middleware::ClientWithMiddleware`.
 //! [`OverloadMiddleware`] runs any stack of this crate's layers (an
@@ -6,12 +6,13 @@
 //! of them) around the rest of that client's middleware chain:
 //!
 //! ```
+//! # #[cfg(all(feature = "concurrency", feature = "fallback", feature = "request-id"))]
+//! # async fn call(url: &str) -> Result<(), reqwest_middleware::Error> {
 //! use reqwest_middleware::ClientBuilder;
 //! use tower_overload::retry::{RetryPolicy, RetryReport};
 //! use tower_overload::reqwest_middleware::OverloadMiddleware;
 //! use tower_overload::stack::OverloadStack;
 //!
-//! # async fn call(url: &str) -> Result<(), reqwest_middleware::Error> {
 //! let client = ClientBuilder::new(reqwest::Client::new())
 //!     .with(OverloadMiddleware::new(OverloadStack::new().retry(RetryPolicy::foreground())))
 //!     .build();
@@ -137,14 +138,14 @@ use crate::BoxError;
 /// ```
 /// use reqwest_middleware::ClientBuilder;
 /// use tower::ServiceBuilder;
-/// use tower_overload::concurrency::ConcurrencyPerModelLayer;
 /// use tower_overload::reqwest_middleware::OverloadMiddleware;
 /// use tower_overload::retry::{OverloadRetryLayer, RetryPolicy};
 ///
-/// // Any stack of the layers, built with tower's ServiceBuilder.
-/// let layers = ServiceBuilder::new()
-///     .layer(OverloadRetryLayer::new(RetryPolicy::background()))
-///     .layer(ConcurrencyPerModelLayer::new(8));
+/// // Any stack of the layers, built with tower's ServiceBuilder (here the
+/// // retry layer alone), or an `OverloadStack`.
+/// let layers = ServiceBuilder::new().layer(OverloadRetryLayer::new(RetryPolicy::background()));
+/// # // This crate's tests build reqwest with rustls but no crypto provider.
+/// # let _ = rustls::crypto::ring::default_provider().install_default();
 /// let client = ClientBuilder::new(reqwest::Client::new())
 ///     .with(OverloadMiddleware::new(layers))
 ///     .build();
@@ -168,8 +169,8 @@ impl<L> OverloadMiddleware<L> {
     ///
     /// ```
     /// use tower_overload::reqwest_middleware::OverloadMiddleware;
-    /// use tower_overload::stack::OverloadStack;
-    /// let middleware = OverloadMiddleware::new(OverloadStack::new());
+    /// use tower_overload::retry::{OverloadRetryLayer, RetryPolicy};
+    /// let middleware = OverloadMiddleware::new(OverloadRetryLayer::new(RetryPolicy::foreground()));
     /// ```
     pub const fn new(layer: L) -> Self {
         Self { layer }
@@ -179,9 +180,9 @@ impl<L> OverloadMiddleware<L> {
     ///
     /// ```
     /// # use tower_overload::reqwest_middleware::OverloadMiddleware;
-    /// # use tower_overload::stack::OverloadStack;
-    /// let middleware = OverloadMiddleware::new(OverloadStack::new());
-    /// let _stack: &OverloadStack = middleware.get_ref();
+    /// # use tower_overload::retry::{OverloadRetryLayer, RetryPolicy};
+    /// let middleware = OverloadMiddleware::new(OverloadRetryLayer::new(RetryPolicy::foreground()));
+    /// let _layer: &OverloadRetryLayer = middleware.get_ref();
     /// ```
     pub fn get_ref(&self) -> &L {
         &self.layer
@@ -191,8 +192,9 @@ impl<L> OverloadMiddleware<L> {
     ///
     /// ```
     /// # use tower_overload::reqwest_middleware::OverloadMiddleware;
-    /// # use tower_overload::stack::OverloadStack;
-    /// let _stack: OverloadStack = OverloadMiddleware::new(OverloadStack::new()).into_inner();
+    /// # use tower_overload::retry::{OverloadRetryLayer, RetryPolicy};
+    /// let middleware = OverloadMiddleware::new(OverloadRetryLayer::new(RetryPolicy::foreground()));
+    /// let _layer: OverloadRetryLayer = middleware.into_inner();
     /// ```
     pub fn into_inner(self) -> L {
         self.layer
