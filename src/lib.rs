@@ -66,10 +66,44 @@
 //! # fn main() {}
 //! ```
 //!
-//! With reqwest, the `reqwest` feature ships the service over
-//! `reqwest::Client`, and the `reqwest-middleware` feature runs the same
-//! layers inside a `reqwest_middleware::ClientWithMiddleware`; their
-//! modules open with an example each.
+//! With reqwest (feature `reqwest`), `tower_overload::reqwest::ReqwestService`
+//! is the client under the layers; a reqwest timeout is a retried `Timeout`:
+//!
+//! ```no_run
+//! # #[cfg(all(feature = "reqwest", feature = "concurrency", feature = "fallback", feature = "request-id"))]
+//! # fn main() -> Result<(), tower_overload::BoxError> {
+//! use tower::Layer;
+//! use tower_overload::reqwest::ReqwestService;
+//! use tower_overload::{OverloadStack, RetryPolicy};
+//!
+//! let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(600)).build()?;
+//! let client: ReqwestService = ReqwestService::new(client);
+//! let service = OverloadStack::new().retry(RetryPolicy::foreground()).layer(client);
+//! # let _ = service;
+//! # Ok(()) }
+//! # #[cfg(not(all(feature = "reqwest", feature = "concurrency", feature = "fallback", feature = "request-id")))]
+//! # fn main() {}
+//! ```
+//!
+//! With reqwest-middleware (feature `reqwest-middleware`), the same layers
+//! run inside any `ClientWithMiddleware`, and `RetryReport`, `ServedBy` and
+//! `RequestId` are on the `reqwest::Response`'s extensions:
+//!
+//! ```no_run
+//! # #[cfg(all(feature = "reqwest-middleware", feature = "concurrency", feature = "fallback", feature = "request-id"))]
+//! # fn main() {
+//! use reqwest_middleware::ClientBuilder;
+//! use tower_overload::reqwest_middleware::OverloadMiddleware;
+//! use tower_overload::{OverloadStack, RetryPolicy};
+//!
+//! let client = ClientBuilder::new(reqwest::Client::new())
+//!     .with(OverloadMiddleware::new(OverloadStack::new().retry(RetryPolicy::foreground())))
+//!     .build();
+//! # let _ = client;
+//! # }
+//! # #[cfg(not(all(feature = "reqwest-middleware", feature = "concurrency", feature = "fallback", feature = "request-id")))]
+//! # fn main() {}
+//! ```
 //!
 //! ## Cargo features
 //!
