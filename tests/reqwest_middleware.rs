@@ -107,6 +107,39 @@ async fn a_429_retry_after_is_obeyed() {
     assert!(report(&response).waited >= Duration::from_secs(7));
 }
 
+/// reqwest's own timeout, under the middleware and the default classifier
+/// as shipped: the attempt is a `Timeout`, retried, and the next one answers.
+#[tokio::test(start_paused = true)]
+async fn a_reqwest_timeout_is_retried_through_the_middleware() {
+    let mock = MockUpstream::start().await;
+    mock.push([Reply::ok().delay(Duration::from_secs(30)), Reply::ok()]);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let inner = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let client = ClientBuilder::new(inner)
+        .with(OverloadMiddleware::new(OverloadStack::new()))
+        .build();
+    let started = Instant::now();
+    let response = post(&client, &mock, messages_body(OPUS).into())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let report = report(&response);
+    assert_eq!(report.attempts.len(), 2, "{report:?}");
+    assert_eq!(
+        report.attempts[0].class,
+        tower_overload::classify::Class::Timeout
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(5) && elapsed < Duration::from_secs(30),
+        "{elapsed:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn fallback_is_visible_on_the_reqwest_response() {
     let mock = MockUpstream::start().await;
