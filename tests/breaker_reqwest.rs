@@ -158,7 +158,8 @@ async fn stack_a_529_cut_mid_body_is_retried_and_frees_its_permit() {
         ],
         br#"{"type":"error","err"#,
     );
-    let (addr, connections) = hostile(vec![(truncated, After::Close), (ok_json(), After::Close)]).await;
+    let (addr, connections) =
+        hostile(vec![(truncated, After::Close), (ok_json(), After::Close)]).await;
     let limits = ConcurrencyPerModelLayer::new(1);
     let service = OverloadStack::new()
         .retry(policy())
@@ -195,10 +196,11 @@ async fn stack_a_200_cut_mid_body_is_a_body_error_and_frees_its_permit() {
     let response = service.oneshot(http_request(addr, "m")).await.unwrap();
     assert_eq!(in_flight(&limits), 1, "the body holds the permit");
     let error = response.into_body().collect().await.unwrap_err();
-    let error: tower_overload::BoxError = error.into();
+    let error: tower_overload::BoxError = error;
     assert!(
-        std::iter::successors(Some(&*error as &(dyn std::error::Error + 'static)), |e| e.source())
-            .any(|e| e.downcast_ref::<reqwest::Error>().is_some()),
+        std::iter::successors(Some(&*error as &(dyn std::error::Error + 'static)), |e| e
+            .source())
+        .any(|e| e.downcast_ref::<reqwest::Error>().is_some()),
         "the reqwest error is in the chain: {error:?}"
     );
     assert_eq!(in_flight(&limits), 0);
@@ -466,7 +468,12 @@ async fn stack_request_extensions_survive_onto_the_response() {
     let response = service.oneshot(request).await.unwrap();
     assert_eq!(response.extensions().get::<Marker>(), Some(&Marker(7)));
     assert_eq!(
-        response.extensions().get::<RetryReport>().unwrap().attempts.len(),
+        response
+            .extensions()
+            .get::<RetryReport>()
+            .unwrap()
+            .attempts
+            .len(),
         2
     );
 }
@@ -474,7 +481,10 @@ async fn stack_request_extensions_survive_onto_the_response() {
 #[tokio::test(start_paused = true)]
 async fn stack_cancelled_calls_give_back_every_permit() {
     let mock = MockUpstream::start().await;
-    mock.set_default(Reply::slow_body(&["{\"a\":", "1", "}"], Duration::from_millis(40)).delay(Duration::from_millis(30)));
+    mock.set_default(
+        Reply::slow_body(&["{\"a\":", "1", "}"], Duration::from_millis(40))
+            .delay(Duration::from_millis(30)),
+    );
     let limits = ConcurrencyPerModelLayer::new(2);
     let service = OverloadStack::new()
         .retry(policy())
@@ -500,8 +510,12 @@ async fn stack_cancelled_calls_give_back_every_permit() {
     }
     // The limit still admits its two calls at once.
     let (a, b) = tokio::join!(
-        service.clone().oneshot(http_request(mock.addr(), "claude-haiku-4-5")),
-        service.clone().oneshot(http_request(mock.addr(), "claude-haiku-4-5")),
+        service
+            .clone()
+            .oneshot(http_request(mock.addr(), "claude-haiku-4-5")),
+        service
+            .clone()
+            .oneshot(http_request(mock.addr(), "claude-haiku-4-5")),
     );
     assert_eq!(a.unwrap().status(), 200);
     assert_eq!(b.unwrap().status(), 200);
@@ -529,7 +543,11 @@ async fn stack_a_huge_in_memory_body_goes_out_whole_and_is_replayed_by_reference
     let recorded = mock.requests();
     assert_eq!(recorded.len(), 2);
     assert!(recorded.iter().all(|r| r.body == body));
-    assert!(recorded.iter().all(|r| r.model.as_deref() == Some("claude-haiku-4-5")));
+    assert!(
+        recorded
+            .iter()
+            .all(|r| r.model.as_deref() == Some("claude-haiku-4-5"))
+    );
 }
 
 // ===== OverloadMiddleware in a ClientWithMiddleware =====
@@ -614,7 +632,9 @@ async fn middleware_json_body_retried_with_response_parts_of_the_answer() {
     };
     let client = ClientBuilder::new(reqwest_client())
         .with(outer.clone())
-        .with(OverloadMiddleware::new(OverloadStack::new().retry(policy())))
+        .with(OverloadMiddleware::new(
+            OverloadStack::new().retry(policy()),
+        ))
         .with(inner.clone())
         .build();
     let url = format!("{}?beta=true", mock.url("/v1/messages"));
@@ -636,8 +656,16 @@ async fn middleware_json_body_retried_with_response_parts_of_the_answer() {
     assert_eq!(response.headers()["request-id"], "req_mock_000002");
     let report = response.extensions().get::<RetryReport>().unwrap();
     assert_eq!(report.attempts.len(), 2);
-    assert_eq!(outer.calls.load(Ordering::SeqCst), 1, "outside: once per call");
-    assert_eq!(inner.calls.load(Ordering::SeqCst), 2, "inside: once per attempt");
+    assert_eq!(
+        outer.calls.load(Ordering::SeqCst),
+        1,
+        "outside: once per call"
+    );
+    assert_eq!(
+        inner.calls.load(Ordering::SeqCst),
+        2,
+        "inside: once per attempt"
+    );
     let recorded = mock.requests();
     assert!(recorded.iter().all(|r| r.body == body));
     let bytes = response.bytes().await.unwrap();
@@ -673,7 +701,9 @@ async fn middleware_extensions_written_inside_reach_the_middleware_outside() {
     let seen = Arc::new(std::sync::Mutex::new(None));
     let client = ClientBuilder::new(reqwest_client())
         .with(Reader(Arc::clone(&seen)))
-        .with(OverloadMiddleware::new(OverloadStack::new().retry(policy())))
+        .with(OverloadMiddleware::new(
+            OverloadStack::new().retry(policy()),
+        ))
         .with(Counting {
             calls: Arc::default(),
             mark: Some(3),
@@ -695,7 +725,9 @@ async fn middleware_a_streamed_body_is_sent_once_and_the_529_handed_back() {
     let mock = MockUpstream::start().await;
     mock.push([Reply::overloaded(), Reply::ok()]);
     let client = ClientBuilder::new(reqwest_client())
-        .with(OverloadMiddleware::new(OverloadStack::new().retry(policy())))
+        .with(OverloadMiddleware::new(
+            OverloadStack::new().retry(policy()),
+        ))
         .build();
     let chunks = split_body("claude-haiku-4-5")
         .into_iter()
@@ -745,8 +777,16 @@ async fn middleware_per_model_caps_hold_across_many_tasks_on_one_client() {
         done.unwrap();
     }
     assert_eq!(mock.request_count(), 40);
-    assert!(mock.peak_in_flight("model-a") <= 2, "{}", mock.peak_in_flight("model-a"));
-    assert!(mock.peak_in_flight("model-b") <= 2, "{}", mock.peak_in_flight("model-b"));
+    assert!(
+        mock.peak_in_flight("model-a") <= 2,
+        "{}",
+        mock.peak_in_flight("model-a")
+    );
+    assert!(
+        mock.peak_in_flight("model-b") <= 2,
+        "{}",
+        mock.peak_in_flight("model-b")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -754,7 +794,9 @@ async fn middleware_errors_keep_their_types() {
     // An inner middleware's own error: its type is reachable.
     let mock = MockUpstream::start().await;
     let client = ClientBuilder::new(reqwest_client())
-        .with(OverloadMiddleware::new(OverloadStack::new().retry(policy())))
+        .with(OverloadMiddleware::new(
+            OverloadStack::new().retry(policy()),
+        ))
         .with(Refuse)
         .build();
     let error = client
@@ -777,7 +819,9 @@ async fn middleware_errors_keep_their_types() {
     let addr = closed.local_addr().unwrap();
     drop(closed);
     let client = ClientBuilder::new(reqwest_client())
-        .with(OverloadMiddleware::new(OverloadStack::new().retry(policy())))
+        .with(OverloadMiddleware::new(
+            OverloadStack::new().retry(policy()),
+        ))
         .build();
     let error = client
         .post(format!("http://{addr}/v1/messages"))
@@ -790,7 +834,9 @@ async fn middleware_errors_keep_their_types() {
             let ours = error.downcast_ref::<tower_overload::Error>().expect("ours");
             assert!(ours.attempts() > 1, "{ours:?}");
             assert!(
-                error.chain().any(|e| e.downcast_ref::<reqwest::Error>().is_some_and(reqwest::Error::is_connect)),
+                error.chain().any(|e| e
+                    .downcast_ref::<reqwest::Error>()
+                    .is_some_and(reqwest::Error::is_connect)),
                 "{error:?}"
             );
         }
@@ -841,7 +887,9 @@ async fn middleware_content_length_of_the_answer_survives() {
     let expected = bare.content_length();
     assert!(expected.is_some());
     let client = ClientBuilder::new(reqwest_client())
-        .with(OverloadMiddleware::new(OverloadStack::new().retry(policy())))
+        .with(OverloadMiddleware::new(
+            OverloadStack::new().retry(policy()),
+        ))
         .build();
     let response = client
         .post(&url)
@@ -850,4 +898,160 @@ async fn middleware_content_length_of_the_answer_survives() {
         .await
         .unwrap();
     assert_eq!(response.content_length(), expected, "as bare reqwest says");
+}
+
+#[tokio::test(start_paused = true)]
+async fn middleware_a_get_without_body_goes_out_as_bare_reqwest_sends_it() {
+    let mock = MockUpstream::start().await;
+    let url = mock.url("/v1/models").to_string();
+    let bare = reqwest_client().get(&url).send().await.unwrap();
+    assert_eq!(bare.status(), 200);
+    let client = ClientBuilder::new(reqwest_client())
+        .with(OverloadMiddleware::new(
+            OverloadStack::new().retry(policy()),
+        ))
+        .build();
+    let response = client.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.remote_addr().is_some(),
+        "reqwest's HttpInfo survives"
+    );
+    let recorded = mock.requests();
+    assert_eq!(
+        recorded[0].headers.get("content-length"),
+        recorded[1].headers.get("content-length"),
+        "the same framing as bare reqwest"
+    );
+    assert_eq!(
+        recorded[0].headers.get("transfer-encoding"),
+        recorded[1].headers.get("transfer-encoding"),
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn middleware_a_per_request_timeout_bounds_each_attempt() {
+    let mock = MockUpstream::start().await;
+    mock.push([Reply::ok().delay(Duration::from_secs(30)), Reply::ok()]);
+    let client = ClientBuilder::new(reqwest_client())
+        .with(OverloadMiddleware::new(
+            OverloadStack::new().retry(policy()),
+        ))
+        .build();
+    let started = tokio::time::Instant::now();
+    let response = client
+        .post(mock.url("/v1/messages").to_string())
+        .body(messages_body("claude-haiku-4-5"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let report = response.extensions().get::<RetryReport>().unwrap();
+    assert_eq!(report.attempts.len(), 2);
+    assert_eq!(
+        report.attempts[0].class,
+        tower_overload::classify::Class::Timeout
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn middleware_an_overloaded_sse_stream_is_retried_and_the_next_read_whole() {
+    let mock = MockUpstream::start().await;
+    mock.push([Reply::sse_overloaded(), Reply::sse_message()]);
+    // The stream guard is opt-in.
+    let guarded = policy().stream_guard(Some(tower_overload::retry::StreamGuard::default()));
+    let client = ClientBuilder::new(reqwest_client())
+        .with(OverloadMiddleware::new(OverloadStack::new().retry(guarded)))
+        .build();
+    let response = client
+        .post(mock.url("/v1/messages").to_string())
+        .body(messages_body("claude-haiku-4-5"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .extensions()
+            .get::<RetryReport>()
+            .unwrap()
+            .attempts
+            .len(),
+        2
+    );
+    let text = response.text().await.unwrap();
+    assert!(text.starts_with("event: message_start"), "{text}");
+    assert!(
+        text.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn middleware_a_streamed_body_is_never_sent_to_a_fallback_model() {
+    let mock = MockUpstream::start().await;
+    mock.storm("model-a", Duration::from_secs(3600), Reply::overloaded());
+    let client = ClientBuilder::new(reqwest_client())
+        .with(OverloadMiddleware::new(
+            OverloadStack::new()
+                .retry(policy().max_attempts(2))
+                .fallback(ModelFallbackLayer::new(["model-a", "model-b"])),
+        ))
+        .build();
+    let chunks = split_body("model-a")
+        .into_iter()
+        .map(|c| Ok::<_, Infallible>(Frame::data(c)));
+    let result = client
+        .post(mock.url("/v1/messages").to_string())
+        .body(reqwest::Body::wrap(StreamBody::new(futures::stream::iter(
+            chunks,
+        ))))
+        .send()
+        .await;
+    assert_eq!(mock.request_count(), 1, "a stream goes out once");
+    assert_eq!(mock.requests()[0].body, messages_body("model-a"));
+    if let Ok(response) = result {
+        assert_eq!(response.status(), 529);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn middleware_cancelled_sends_give_back_every_permit() {
+    let mock = MockUpstream::start().await;
+    mock.set_default(
+        Reply::slow_body(&["{\"a\":", "1", "}"], Duration::from_millis(40))
+            .delay(Duration::from_millis(30)),
+    );
+    let limits = ConcurrencyPerModelLayer::new(1);
+    let client = ClientBuilder::new(reqwest_client())
+        .with(OverloadMiddleware::new(
+            OverloadStack::new()
+                .retry(policy())
+                .concurrency(limits.clone()),
+        ))
+        .build();
+    let mut rng = SmallRng::seed_from_u64(0x5EED);
+    for round in 0..30 {
+        let cut = Duration::from_millis(rng.random_range(0..150));
+        let read_some = rng.random_bool(0.5);
+        let request = client
+            .post(mock.url("/v1/messages").to_string())
+            .body(messages_body("claude-haiku-4-5"));
+        let call = async move {
+            let mut response = request.send().await?;
+            if read_some {
+                let _ = response.chunk().await;
+            }
+            std::future::pending::<()>().await;
+            Ok::<_, tower_overload::BoxError>(())
+        };
+        let _ = tokio::time::timeout(cut, call).await;
+        assert_eq!(in_flight(&limits), 0, "round {round}: a permit leaked");
+    }
 }
