@@ -533,6 +533,30 @@ impl RetryQuota {
             .is_ok()
     }
 
+    /// Gives back the cost of a retry after `class` that was granted but
+    /// never sent (the call stopped during its backoff). Never past the capacity.
+    ///
+    /// ```
+    /// # use tower_overload::{budget::RetryQuota, classify::Class};
+    /// let quota = RetryQuota::new(10, 5, 10);
+    /// assert!(quota.try_retry(Class::Overloaded));
+    /// quota.refund(Class::Overloaded);
+    /// assert_eq!(quota.available(), 10);
+    /// ```
+    pub fn refund(&self, class: crate::classify::Class) {
+        self.give_back(u64::from(self.cost(class)));
+    }
+
+    fn give_back(&self, tokens: u64) {
+        let capacity = u64::from(self.shared.capacity);
+        let _ = self
+            .shared
+            .tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                Some((held + tokens).min(capacity))
+            });
+    }
+
     /// A call succeeded. `retried_after` is the class whose retry led to the
     /// success (its cost comes back), or `None` for a first-try success (one
     /// token comes back). Never past the capacity.
@@ -545,14 +569,7 @@ impl RetryQuota {
     /// assert_eq!(quota.available(), 10);
     /// ```
     pub fn on_success(&self, retried_after: Option<crate::classify::Class>) {
-        let back = u64::from(retried_after.map_or(1, |class| self.cost(class)));
-        let capacity = u64::from(self.shared.capacity);
-        let _ = self
-            .shared
-            .tokens
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tokens| {
-                Some((tokens + back).min(capacity))
-            });
+        self.give_back(u64::from(retried_after.map_or(1, |class| self.cost(class))));
     }
 }
 

@@ -287,3 +287,37 @@ async fn a_body_that_goes_silent_ends_with_a_timeout() {
         "{elapsed:?}"
     );
 }
+
+/// A retry granted by the quota but abandoned during its backoff (the
+/// model's breaker opened meanwhile) gives its tokens back.
+#[tokio::test(start_paused = true)]
+async fn a_retry_abandoned_during_its_backoff_refunds_the_quota() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use tower_overload::breaker_signal::{BreakerSignal, ModelBreaker};
+    use tower_overload::budget::RetryQuota;
+
+    /// Closed when the retry is decided, open when its backoff ends.
+    struct OpensDuringTheWait(AtomicU32);
+    impl ModelBreaker for OpensDuringTheWait {
+        fn on_failure(&self, _: Class) {}
+        fn should_stop(&self, _: Class) -> bool {
+            self.0.fetch_add(1, Ordering::SeqCst) > 0
+        }
+    }
+
+    let mock = MockUpstream::start().await;
+    mock.push_for_model(OPUS, [Reply::overloaded(), Reply::ok()]);
+    let quota = RetryQuota::default();
+    let policy = RetryPolicy::foreground()
+        .retry_quota(Some(quota.clone()))
+        .seed(8);
+    let service = OverloadRetryLayer::new(policy).layer(client());
+    let mut request = messages_request(&mock, OPUS);
+    request
+        .extensions_mut()
+        .insert(BreakerSignal::new(OpensDuringTheWait(AtomicU32::new(0))));
+    let error = service.oneshot(request).await.unwrap_err();
+    assert_eq!(error.class(), Some(Class::Overloaded), "{error}");
+    assert_eq!(mock.request_count(), 1, "the abandoned retry is not sent");
+    assert_eq!(quota.available(), 500, "its 5 tokens came back");
+}

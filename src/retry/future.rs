@@ -279,6 +279,10 @@ impl<B: ReplayableBody> Call<B> {
         let class = self.records.last()?.class;
         let signal = self.template.extensions().get::<BreakerSignal>()?;
         signal.should_stop(class).then(|| {
+            // The retry was paid for when it was granted and is not sent.
+            if let Some(Rationing::Quota(quota)) = &self.policy.rationing {
+                quota.refund(class);
+            }
             self.error(
                 StopReason::ModelUnavailable.error_kind(),
                 class,
