@@ -32,21 +32,6 @@ fn lanes_equal(word: u64, byte: u8) -> u64 {
     x.wrapping_sub(LANES) & !x & HIGH_BITS
 }
 
-/// Index of the first `byte` in `bytes`, eight bytes at a time.
-pub(crate) fn find_byte(bytes: &[u8], byte: u8) -> Option<usize> {
-    let mut at = 0;
-    while let Some(chunk) = bytes.get(at..at + 8) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let hits = lanes_equal(u64::from_le_bytes(word), byte);
-        if hits != 0 {
-            return Some(at + (hits.trailing_zeros() / 8) as usize);
-        }
-        at += 8;
-    }
-    bytes[at..].iter().position(|&c| c == byte).map(|p| at + p)
-}
-
 /// The end of a string whose opening quote is at `at - 1`: the index past
 /// its closing quote, and whether it holds escapes.
 ///
@@ -444,21 +429,6 @@ mod tests {
         let near: Vec<u8> = (0u8..=255).filter(|&c| c != b'"' && c != b'\\').collect();
         assert_eq!(string_end(&near, 0), None);
         assert_eq!(string_end(b"ab\\", 0), None, "an escape at the very end");
-    }
-
-    #[test]
-    fn finds_a_byte_in_every_lane() {
-        for len in 0..40 {
-            for pos in 0..len {
-                let mut bytes = vec![b'a'; len];
-                bytes[pos] = b'\n';
-                if pos + 1 < len {
-                    bytes[len - 1] = b'\n';
-                }
-                assert_eq!(find_byte(&bytes, b'\n'), Some(pos), "len {len} pos {pos}");
-            }
-            assert_eq!(find_byte(&vec![b'a'; len], b'\n'), None);
-        }
     }
 
     #[test]

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::classify::{self, Class, ClientKind};
-use crate::json;
 
 /// Error events seen in a stream after its content had started: passed
 /// through to the caller untouched (a retry would show output twice), and
@@ -145,75 +144,113 @@ fn event_name(block: &[u8]) -> Option<&[u8]> {
     })
 }
 
-/// Spots `event: error` lines in a stream fed chunk by chunk, however the
-/// chunks split it. Lines inside a chunk are checked in place; only a line
-/// cut by a chunk boundary keeps its first few bytes here.
-#[derive(Debug, Clone, Default)]
+/// Counts the lines `event: error` (or `event:error`) of a stream fed in
+/// chunks, a line split across chunks included.
+///
+/// Every byte of a guarded stream passes through here after the peek, so it
+/// does not walk the stream line by line: it searches each chunk for `error`
+/// (a SIMD search, rare in a stream) and checks the few bytes around each
+/// hit. A line cut by a chunk boundary is found in the last bytes of the
+/// previous chunk, which are kept.
+#[derive(Debug, Clone)]
 pub(crate) struct ErrorEventWatch {
-    /// Whether the last chunk ended inside a line.
-    open: bool,
-    /// The start of that line, while it could still be an error line.
-    partial: Vec<u8>,
-    /// Whether that line is known not to be one.
-    ruled_out: bool,
+    /// The stream's last bytes (at most [`LONGEST`]): where a line not yet
+    /// ended may start.
+    tail: [u8; LONGEST],
+    tail_len: usize,
+    /// Whether the byte before `tail` ends a line (or the stream starts there).
+    tail_at_line_start: bool,
+    finder: memchr::memmem::Finder<'static>,
 }
 
+/// The lines counted, without their line end.
 const ERROR_LINES: [&[u8]; 2] = [b"event: error", b"event:error"];
-/// Longest line start worth keeping: the longer form and a `\r`.
-const KEEP: usize = 13;
+/// The longest of them with its line end: `event: error\r\n`.
+const LONGEST: usize = 14;
 
-fn is_error_line(line: &[u8]) -> bool {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    line.len() <= KEEP && ERROR_LINES.contains(&line)
+impl Default for ErrorEventWatch {
+    fn default() -> Self {
+        Self {
+            tail: [0; LONGEST],
+            tail_len: 0,
+            tail_at_line_start: true,
+            finder: memchr::memmem::Finder::new(b"error"),
+        }
+    }
 }
 
-fn could_become_error_line(start: &[u8]) -> bool {
-    let start = start.strip_suffix(b"\r").unwrap_or(start);
-    start.len() <= KEEP && ERROR_LINES.iter().any(|line| line.starts_with(start))
+/// If an error line starts at `at` in `bytes`, the index of the `\n` that ends it.
+fn error_line_end(bytes: &[u8], at: usize) -> Option<usize> {
+    let rest = &bytes[at..];
+    ERROR_LINES.iter().find_map(|line| {
+        let after = rest.strip_prefix(*line)?;
+        match after {
+            [b'\n', ..] => Some(at + line.len()),
+            [b'\r', b'\n', ..] => Some(at + line.len() + 1),
+            _ => None,
+        }
+    })
 }
 
 impl ErrorEventWatch {
     /// Feeds a chunk; returns how many error event lines ended in it.
     pub(crate) fn feed(&mut self, chunk: &[u8]) -> usize {
         let mut found = 0;
-        let mut at = 0;
-        if self.open {
-            let end = json::find_byte(chunk, b'\n');
-            let piece = &chunk[..end.unwrap_or(chunk.len())];
-            if !self.ruled_out {
-                self.partial
-                    .extend_from_slice(&piece[..piece.len().min(KEEP + 1)]);
-                self.ruled_out = !could_become_error_line(&self.partial);
-            }
-            let Some(end) = end else { return 0 };
-            if !self.ruled_out && is_error_line(&self.partial) {
+        // Lines starting in the kept tail, or at the chunk's first byte
+        // (whose line start the tail knows), that end in this chunk.
+        let tail_len = self.tail_len;
+        let mut window = [0u8; 2 * LONGEST];
+        let head = &chunk[..chunk.len().min(LONGEST)];
+        window[..tail_len].copy_from_slice(&self.tail[..tail_len]);
+        window[tail_len..tail_len + head.len()].copy_from_slice(head);
+        let window = &window[..tail_len + head.len()];
+        for at in 0..=tail_len.min(window.len().saturating_sub(1)) {
+            let line_start = if at == 0 {
+                self.tail_at_line_start
+            } else {
+                window[at - 1] == b'\n'
+            };
+            if line_start && error_line_end(window, at).is_some_and(|end| end >= tail_len) {
                 found += 1;
             }
-            self.partial.clear();
-            self.ruled_out = false;
-            self.open = false;
-            at = end + 1;
         }
-        while at < chunk.len() {
-            let rest = &chunk[at..];
-            match json::find_byte(rest, b'\n') {
-                Some(len) => {
-                    if is_error_line(&rest[..len]) {
-                        found += 1;
-                    }
-                    at += len + 1;
-                }
-                None => {
-                    self.open = true;
-                    self.ruled_out = !could_become_error_line(rest);
-                    if !self.ruled_out {
-                        self.partial.extend_from_slice(rest);
-                    }
-                    break;
+        // Lines starting after the chunk's first byte and ending in it.
+        for hit in self.finder.find_iter(chunk) {
+            for line in ERROR_LINES {
+                let prefix = line.len() - b"error".len();
+                let Some(at) = hit.checked_sub(prefix) else {
+                    continue;
+                };
+                if at >= 1 && chunk[at - 1] == b'\n' && error_line_end(chunk, at).is_some() {
+                    found += 1;
                 }
             }
         }
+        self.keep_tail(chunk);
         found
+    }
+
+    /// Keeps the last [`LONGEST`] bytes of the stream, and whether a line starts before them.
+    fn keep_tail(&mut self, chunk: &[u8]) {
+        let total = self.tail_len + chunk.len();
+        let keep = total.min(LONGEST);
+        let drop = total - keep;
+        let byte_at = |index: usize| {
+            if index < self.tail_len {
+                self.tail[index]
+            } else {
+                chunk[index - self.tail_len]
+            }
+        };
+        if drop > 0 {
+            self.tail_at_line_start = byte_at(drop - 1) == b'\n';
+        }
+        let mut kept = [0u8; LONGEST];
+        for (slot, index) in kept.iter_mut().zip(drop..total) {
+            *slot = byte_at(index);
+        }
+        self.tail = kept;
+        self.tail_len = keep;
     }
 }
 
@@ -261,7 +298,41 @@ mod tests {
         }
     }
 
+    /// The count a line-by-line reading of the whole stream gives.
+    fn reference_count(stream: &[u8]) -> usize {
+        let mut lines: Vec<&[u8]> = stream.split(|&b| b == b'\n').collect();
+        lines.pop(); // the last piece has no line end yet
+        lines
+            .into_iter()
+            .filter(|line| {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                ERROR_LINES.contains(&line)
+            })
+            .count()
+    }
+
     proptest::proptest! {
+        #[test]
+        fn the_watch_agrees_with_a_line_by_line_reading(
+            pieces in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    &b"event: error"[..], b"event:error", b"\n", b"\r", b"\r\n", b"x",
+                    b"event: errors", b"data: {\"error\":1}", b"event: ", b"error", b" ",
+                ]),
+                0..40,
+            ),
+            cuts in proptest::collection::vec(0usize..400, 0..8),
+        ) {
+            let stream: Vec<u8> = pieces.concat();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(stream.len())).collect();
+            cuts.push(0);
+            cuts.push(stream.len());
+            cuts.sort_unstable();
+            let mut watch = ErrorEventWatch::default();
+            let found: usize = cuts.windows(2).map(|w| watch.feed(&stream[w[0]..w[1]])).sum();
+            proptest::prop_assert_eq!(found, reference_count(&stream));
+        }
+
         #[test]
         fn never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
             let _ = first_event(&bytes);
