@@ -12,6 +12,13 @@
 //! says which model answered when a fallback happened. The gateway's own failures answer
 //! in the API's error shape: a full queue is a 529 `overloaded_error` with `retry-after`,
 //! a spent deadline a 504 `timeout_error`, an unreachable upstream a 502.
+//!
+//! The gateway is the one retry loop. A failure it hands back after that loop
+//! (the upstream's last answer, a 502 or a 504) says `x-should-retry: false`,
+//! which the official SDKs obey: their own default retries (2) would
+//! otherwise run the gateway's whole loop three times per call in a storm, and
+//! resend a spend-limit 429 that only a person can clear. Only a full queue
+//! (nothing was sent) leaves the SDK free to retry.
 
 // The tests include this file for `serve`; `main` is theirs to ignore.
 #![allow(dead_code)]
@@ -195,6 +202,9 @@ pub async fn serve(config: Config, listener: TcpListener) {
 
 type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
 
+/// The official SDKs' own retry switch; see the module docs.
+const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+
 /// Headers that belong to one connection, never forwarded.
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
@@ -282,15 +292,29 @@ async fn forward(
                     report.attempts.len(),
                     ids.join(", ")
                 );
-                return api_error(StatusCode::GATEWAY_TIMEOUT, "timeout_error", &message, None);
+                return final_answer(api_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout_error",
+                    &message,
+                    None,
+                ));
             }
             let fell_back = response
                 .extensions()
                 .get::<ServedBy>()
                 .filter(|served| served.fell_back())
                 .map(|served| served.served.to_string());
+            let retried_here = response
+                .extensions()
+                .get::<RetryReport>()
+                .is_some_and(|report| report.stop != StopReason::Success);
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            if retried_here {
+                parts
+                    .headers
+                    .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+            }
             if let Some(model) = fell_back.and_then(|m| HeaderValue::from_str(&m).ok()) {
                 parts
                     .headers
@@ -302,8 +326,25 @@ async fn forward(
     }
 }
 
-/// The gateway's own failure, in the API's error shape.
+/// The gateway's own failure, in the API's error shape; final (see the
+/// module docs) but for a full queue.
 fn error_response(error: &BoxError) -> Response<GatewayBody> {
+    let response = gateway_failure(error);
+    if response.status().as_u16() == 529 {
+        return response;
+    }
+    final_answer(response)
+}
+
+/// Tells the SDK not to run the gateway's retry loop again.
+fn final_answer(mut response: Response<GatewayBody>) -> Response<GatewayBody> {
+    response
+        .headers_mut()
+        .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+    response
+}
+
+fn gateway_failure(error: &BoxError) -> Response<GatewayBody> {
     let ours = error.downcast_ref::<Error>();
     let message = error.to_string();
     match ours.map(Error::kind) {
