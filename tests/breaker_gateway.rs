@@ -5,8 +5,8 @@
 //! These run in real time (the SDK is another process): each test stays
 //! under about 20 s, and the slower storms are `#[ignore]`d
 //! (`cargo test --test breaker_gateway -- --ignored`). The SDK is found as in
-//! `tests/sdk.rs`: `SDK_PYTHON`, else `target/sdk-venv/bin/python` of the main
-//! checkout; with neither, a test says it was skipped, and fails when `CI` is set.
+//! `tests/sdk.rs`: `SDK_PYTHON`, else `target/sdk-venv/bin/python` of this
+//! checkout (where `.ci/run` installs it); with neither, a test says it was skipped, and fails when `CI` is set.
 
 mod support;
 
@@ -29,7 +29,8 @@ fn sdk_python() -> Option<OsString> {
     if let Some(python) = std::env::var_os("SDK_PYTHON") {
         return Some(python);
     }
-    let fallback = std::path::Path::new("/work/main/target/sdk-venv/bin/python");
+    let fallback =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/sdk-venv/bin/python");
     if fallback.exists() {
         return Some(fallback.into());
     }
