@@ -42,7 +42,7 @@ use tower_overload::concurrency::{Aimd, ConcurrencyPerModelLayer};
 use tower_overload::fallback::{ModelFallbackLayer, ServedBy};
 use tower_overload::retry::{RetryPolicy, RetryReport, StopReason};
 use tower_overload::stack::{OverloadService, OverloadStack};
-use tower_overload::{BoxError, Error, ErrorKind};
+use tower_overload::{BoxError, Error, ErrorKind, headers};
 
 /// The API's own request limit: a larger body is refused before anything is sent.
 const MAX_BODY: usize = 32 * 1024 * 1024;
@@ -202,9 +202,6 @@ pub async fn serve(config: Config, listener: TcpListener) {
 
 type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// The official SDKs' own retry switch; see the module docs.
-const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
-
 /// Headers that belong to one connection, never forwarded.
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
@@ -304,23 +301,20 @@ async fn forward(
                 .get::<ServedBy>()
                 .filter(|served| served.fell_back())
                 .map(|served| served.served.to_string());
-            let retried_here = response
-                .extensions()
-                .get::<RetryReport>()
-                .is_some_and(|report| report.stop != StopReason::Success);
+            let failed_here = report.is_some_and(|report| report.stop != StopReason::Success);
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            if retried_here {
-                parts
-                    .headers
-                    .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
-            }
             if let Some(model) = fell_back.and_then(|m| HeaderValue::from_str(&m).ok()) {
                 parts
                     .headers
                     .insert(HeaderName::from_static("x-served-by-model"), model);
             }
-            Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+            let response = Response::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+            if failed_here {
+                final_answer(response)
+            } else {
+                response
+            }
         }
         Err(error) => error_response(&error),
     }
@@ -330,17 +324,21 @@ async fn forward(
 /// module docs) but for a full queue.
 fn error_response(error: &BoxError) -> Response<GatewayBody> {
     let response = gateway_failure(error);
-    if response.status().as_u16() == 529 {
-        return response;
+    let nothing_sent = error.downcast_ref::<Error>().is_some_and(|error| {
+        matches!(error.kind(), ErrorKind::QueueFull | ErrorKind::QueueTimeout)
+    });
+    if nothing_sent {
+        response
+    } else {
+        final_answer(response)
     }
-    final_answer(response)
 }
 
 /// Tells the SDK not to run the gateway's retry loop again.
 fn final_answer(mut response: Response<GatewayBody>) -> Response<GatewayBody> {
     response
         .headers_mut()
-        .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+        .insert(headers::X_SHOULD_RETRY, HeaderValue::from_static("false"));
     response
 }
 
