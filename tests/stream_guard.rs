@@ -88,9 +88,9 @@ async fn a_later_overload_passes_through_and_is_counted() {
         .get::<MidStreamErrors>()
         .unwrap()
         .clone();
-    assert_eq!(
-        classes(response.extensions().get::<RetryReport>().unwrap()),
-        [Class::Success]
+    assert!(
+        response.extensions().get::<RetryReport>().is_none(),
+        "a first-try success leaves no report"
     );
     assert_eq!(errors.count(), 0, "nothing read yet");
     let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -138,9 +138,9 @@ async fn a_silent_stream_is_passed_through_or_retried_as_configured() {
     let start = tokio::time::Instant::now();
     let response = service.oneshot(messages_request(&mock, "m")).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_secs(5));
-    assert_eq!(
-        classes(response.extensions().get::<RetryReport>().unwrap()),
-        [Class::Success]
+    assert!(
+        response.extensions().get::<RetryReport>().is_none(),
+        "a first-try success leaves no report"
     );
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(

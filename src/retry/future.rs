@@ -170,7 +170,11 @@ fn attempt_request<B>(
     policy: &RetryPolicy,
 ) -> Request<B> {
     let mut request = template.build(body);
-    request.extensions_mut().insert(attempt);
+    // The first attempt carries no `Attempt`: absence means attempt 1, and
+    // the success path allocates nothing for it.
+    if attempt.is_retry() {
+        request.extensions_mut().insert(attempt);
+    }
     if let Some(name) = &policy.retry_count_header {
         request
             .headers_mut()
@@ -337,13 +341,11 @@ impl<B: ReplayableBody> Call<B> {
     /// A success pays the shared quota back as the AWS standard mode does:
     /// what the retry that led to it cost, or one token for a first try.
     /// Without this a quota drains for good after its first hundred retries.
+    /// Called before the success is recorded: the last record, if any, is
+    /// the failure the successful retry followed.
     fn refill_quota(&self) {
         if let Some(Rationing::Quota(quota)) = &self.policy.rationing {
-            let retried_after = match self.records.as_slice() {
-                [.., before, _] => Some(before.class),
-                _ => None,
-            };
-            quota.on_success(retried_after);
+            quota.on_success(self.records.last().map(|before| before.class));
         }
     }
 
@@ -464,13 +466,21 @@ impl<B: ReplayableBody> Call<B> {
         R: Body,
     {
         if !verdict.class.is_failure() {
-            self.record(
-                verdict.class,
-                Some(parts.status),
-                headers::request_id(&parts.headers),
-            );
             self.refill_quota();
-            return Step::Finish(Ok(self.finish_response(parts, body, StopReason::Success)));
+            // A first try that succeeded leaves no report: its absence says
+            // "one attempt, success", and the common path allocates nothing.
+            let stop = if self.records.is_empty() {
+                self.log.record(verdict.class);
+                None
+            } else {
+                self.record(
+                    verdict.class,
+                    Some(parts.status),
+                    headers::request_id(&parts.headers),
+                );
+                Some(StopReason::Success)
+            };
+            return Step::Finish(Ok(self.finish_response(parts, body, stop)));
         }
         let now = SystemTime::now();
         let hints = Hints::from_headers(&parts.headers, now);
@@ -493,7 +503,7 @@ impl<B: ReplayableBody> Call<B> {
                 if typed {
                     Step::Finish(Err(self.error(stop.error_kind(), verdict.class, stop)))
                 } else {
-                    Step::Finish(Ok(self.finish_response(parts, body, stop)))
+                    Step::Finish(Ok(self.finish_response(parts, body, Some(stop))))
                 }
             }
         }
@@ -529,7 +539,7 @@ impl<B: ReplayableBody> Call<B> {
         &mut self,
         parts: response::Parts,
         body: PeekedBody<R>,
-        stop: StopReason,
+        stop: Option<StopReason>,
     ) -> Response<PeekedBody<R>> {
         // Once the body is the caller's, a silent upstream must end it
         // with an error rather than leave the caller reading forever.
@@ -538,8 +548,10 @@ impl<B: ReplayableBody> Call<B> {
             None => body,
         };
         let mut response = Response::from_parts(parts, body);
-        let report = self.report(stop);
-        response.extensions_mut().insert(report);
+        if let Some(stop) = stop {
+            let report = self.report(stop);
+            response.extensions_mut().insert(report);
+        }
         response
     }
 

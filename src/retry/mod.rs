@@ -21,7 +21,8 @@
 //! caller in a [`PeekedBody`], so no byte is lost.
 //!
 //! By default the last upstream response is returned as it came, with a
-//! [`RetryReport`] extension; [`FinalFailure::Error`] turns a final failure
+//! [`RetryReport`] extension when it took more than one attempt or is a
+//! failure (none on a first-try success); [`FinalFailure::Error`] turns a final failure
 //! into the crate's [`Error`]. Errors of the inner service are
 //! judged by a [`ClassifyError`] and always surface as [`Error`].
 //!

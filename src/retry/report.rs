@@ -8,8 +8,10 @@ use crate::classify::Class;
 use crate::headers::RequestId;
 use crate::retry::StopReason;
 
-/// Which attempt a request is: set in the extensions of every attempt the
+/// Which attempt a request is: set in the extensions of every retry the
 /// retry layer sends, so inner layers (logging, concurrency) can see it.
+/// The first attempt carries none (absence means attempt 1), which keeps the
+/// common path free of allocations.
 ///
 /// ```
 /// use tower_overload::retry::Attempt;
@@ -50,7 +52,8 @@ pub struct AttemptRecord {
 }
 
 /// The whole story of a call: inserted into the extensions of the response
-/// the retry layer returns.
+/// the retry layer returns, unless the first attempt succeeded. No report
+/// means one attempt, a success: the common path pays for no record.
 ///
 /// ```
 /// use tower_overload::retry::{RetryReport, StopReason};
