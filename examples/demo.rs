@@ -118,7 +118,7 @@ async fn main() {
                         status: Some(response.status().as_u16()),
                         served: served.as_ref().map(|s| s.served.to_string()),
                         fell_back: served.as_ref().is_some_and(ServedBy::fell_back),
-                        request_id: response.extensions().get::<RequestId>().cloned(),
+                        request_id: RequestId::from_headers(response.headers()),
                         attempts,
                     };
                     let _ = response.into_body().collect().await;

@@ -246,6 +246,19 @@ impl RequestId {
         plausible.then_some(Self(value))
     }
 
+    /// The `request-id` of a response's headers, if it holds a plausible id
+    /// (the same as [`request_id`]): how to read the id of any response
+    /// the layers hand back, `http` or `reqwest`.
+    ///
+    /// ```
+    /// # use tower_overload::RequestId;
+    /// let response = http::Response::builder().header("request-id", "req_1").body(()).unwrap();
+    /// assert_eq!(RequestId::from_headers(response.headers()).unwrap().as_str(), "req_1");
+    /// ```
+    pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
+        request_id(headers)
+    }
+
     /// The id as text.
     ///
     /// ```

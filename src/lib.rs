@@ -86,8 +86,8 @@
 //! ```
 //!
 //! With reqwest-middleware (feature `reqwest-middleware`), the same layers
-//! run inside any `ClientWithMiddleware`, and `RetryReport`, `ServedBy` and
-//! `RequestId` are on the `reqwest::Response`'s extensions:
+//! run inside any `ClientWithMiddleware`, and `RetryReport` and `ServedBy`
+//! are on the `reqwest::Response`'s extensions:
 //!
 //! ```no_run
 //! # #[cfg(all(feature = "reqwest-middleware", feature = "concurrency", feature = "fallback", feature = "request-id"))]

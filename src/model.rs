@@ -106,7 +106,10 @@ pub fn rewrite(body: &[u8], model: &str) -> Option<Bytes> {
 ///
 /// Set it on a request to tell the layers which model it is for without
 /// reading the body; the layers also record the model they found here.
-/// Cloning is a reference-count bump.
+/// Cloning is a copy or a reference-count bump. The names of current
+/// Claude models, read from a body or made with `From<&str>`, need no
+/// allocation at all: every call of every layer reads its model, and the
+/// common names are kept as static text.
 ///
 /// ```
 /// use tower_overload::Model;
@@ -115,8 +118,38 @@ pub fn rewrite(body: &[u8], model: &str) -> Option<Bytes> {
 /// request.extensions_mut().insert(Model::new("claude-sonnet-4-6"));
 /// assert_eq!(request.extensions().get::<Model>().unwrap().as_str(), "claude-sonnet-4-6");
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Model(Arc<str>);
+#[derive(Clone)]
+pub struct Model(Name);
+
+#[derive(Clone)]
+enum Name {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+/// Model ids common enough that reading one should not allocate. Any other
+/// name works the same, in a shared allocation of its own.
+const KNOWN: &[&str] = &[
+    "claude-opus-4-6",
+    "claude-sonnet-4-6",
+    "claude-haiku-4-5",
+    "claude-opus-4-5",
+    "claude-sonnet-4-5",
+    "claude-opus-4-1",
+    "claude-opus-4-0",
+    "claude-sonnet-4-0",
+    "claude-haiku-4-5-20251001",
+    "claude-opus-4-5-20251101",
+    "claude-sonnet-4-5-20250929",
+    "claude-opus-4-1-20250805",
+    "claude-opus-4-20250514",
+    "claude-sonnet-4-20250514",
+    "claude-3-7-sonnet-latest",
+    "claude-3-7-sonnet-20250219",
+    "claude-3-5-haiku-latest",
+    "claude-3-5-haiku-20241022",
+    "claude-3-haiku-20240307",
+];
 
 impl Model {
     /// A model name.
@@ -127,7 +160,28 @@ impl Model {
     /// assert_eq!(model.to_string(), "claude-haiku-4-5");
     /// ```
     pub fn new(name: impl Into<Arc<str>>) -> Self {
-        Self(name.into())
+        Self(Name::Shared(name.into()))
+    }
+
+    /// A model name known at compile time: no allocation, in a `const` too.
+    ///
+    /// ```
+    /// # use tower_overload::Model;
+    /// const OPUS: Model = Model::from_static("claude-opus-4-6");
+    /// assert_eq!(OPUS, Model::new("claude-opus-4-6"));
+    /// ```
+    pub const fn from_static(name: &'static str) -> Self {
+        Self(Name::Static(name))
+    }
+
+    /// `name` as a model, without allocating when it is a common model id.
+    pub(crate) fn from_name(name: &str) -> Self {
+        if name.starts_with("claude-")
+            && let Some(known) = KNOWN.iter().find(|known| **known == name)
+        {
+            return Self::from_static(known);
+        }
+        Self::new(name)
     }
 
     /// The name as text, raw: what routing and keys use. Show it with
@@ -138,8 +192,58 @@ impl Model {
     /// assert_eq!(Model::new("m").as_str(), "m");
     /// ```
     pub fn as_str(&self) -> &str {
-        &self.0
+        match &self.0 {
+            Name::Static(name) => name,
+            Name::Shared(name) => name,
+        }
     }
+}
+
+// Equality, order and hash are the name's, so a `Model` is found in a map
+// by `&str` too (`Borrow<str>`), whichever way it was made.
+impl PartialEq for Model {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Model {}
+
+impl PartialOrd for Model {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Model {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl std::hash::Hash for Model {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for Model {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// The model a request is for: its [`Model`] extension when the caller set
+/// one, else the `model` of its in-memory JSON body. Every layer asks this
+/// one question the same way.
+pub(crate) fn of_request<B: crate::body::ReplayableBody>(
+    request: &http::Request<B>,
+) -> Option<Model> {
+    if let Some(model) = request.extensions().get::<Model>() {
+        return Some(model.clone());
+    }
+    let body = request.body().in_memory()?;
+    extract(&body).map(|name| Model::from_name(&name))
 }
 
 /// The most bytes of a model name that [`Model`]'s `Display` and `Debug` show
@@ -233,7 +337,7 @@ impl fmt::Display for Model {
 
 impl From<&str> for Model {
     fn from(name: &str) -> Self {
-        Self::new(name)
+        Self::from_name(name)
     }
 }
 

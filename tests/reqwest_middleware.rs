@@ -209,14 +209,14 @@ async fn the_request_id_and_url_survive_the_round_trip() {
         .unwrap();
 
     assert_eq!(response.url().as_str(), url);
-    let id = response.extensions().get::<RequestId>().expect("RequestId");
+    let id = RequestId::from_headers(response.headers()).expect("RequestId");
     assert_eq!(
         Some(id.as_str()),
         response.headers()["request-id"].to_str().ok()
     );
     let ids: Vec<_> = report(&response).request_ids().collect();
     assert_eq!(ids.len(), 2);
-    assert_eq!(ids[1], id);
+    assert_eq!(*ids[1], id);
 }
 
 #[tokio::test(start_paused = true)]

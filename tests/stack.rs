@@ -126,7 +126,7 @@ mod full_stack {
                     .as_str(),
                 SONNET
             );
-            assert!(response.extensions().get::<RequestId>().is_some());
+            assert!(RequestId::from_headers(response.headers()).is_some());
             response.into_body().collect().await.unwrap();
         }
         let text = logs.text();

@@ -47,11 +47,7 @@ pub struct ModelKey;
 
 impl<B: ReplayableBody> KeyRequest<B> for ModelKey {
     fn key(&self, request: &Request<B>) -> Option<Model> {
-        if let Some(model) = request.extensions().get::<Model>() {
-            return Some(model.clone());
-        }
-        let body = request.body().in_memory()?;
-        model::extract(&body).map(|name| Model::new(name.as_ref()))
+        model::of_request(request)
     }
 }
 

@@ -104,20 +104,19 @@ where
         request: Request<B>,
         shared: &Arc<Shared>,
     ) -> Result<(Self, Request<B>), Request<B>> {
-        let bytes = request.body().in_memory();
-        let requested = request.extensions().get::<Model>().cloned().or_else(|| {
-            bytes
-                .as_deref()
-                .and_then(model::extract)
-                .map(|m| Model::new(m.as_ref()))
-        });
-        let Some(requested) = requested else {
+        // No chain: nothing to read, the call passes through untouched.
+        if shared.positions.is_empty() {
+            return Err(request);
+        }
+        let Some(requested) = model::of_request(&request) else {
             return Err(request);
         };
         let Some(&(chain, start)) = shared.positions.get(&requested) else {
             return Err(request);
         };
-        let (Some(bytes), Some(spare)) = (bytes, request.body().try_clone_body()) else {
+        let (Some(bytes), Some(spare)) =
+            (request.body().in_memory(), request.body().try_clone_body())
+        else {
             return Err(request);
         };
         let (parts, body) = request.into_parts();

@@ -129,9 +129,6 @@ fn record_response<M, O: OnOutcome, R>(
     latency: Duration,
 ) {
     let request_id = headers::request_id(response.headers());
-    if let Some(id) = &request_id {
-        response.extensions_mut().insert(id.clone());
-    }
     let served = served_model(response).or_else(|| asked.cloned());
     let served = served.as_ref();
 

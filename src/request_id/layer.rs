@@ -1,6 +1,5 @@
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use http::HeaderName;
 use tower_layer::Layer;
@@ -132,7 +131,6 @@ impl<S, M: Clone, O: Clone> Layer<S> for RequestIdLogLayer<M, O> {
                 on_outcome: self.on_outcome.clone(),
                 stats: self.stats.clone(),
                 correlation_header: self.correlation_header.clone(),
-                ids: AtomicU64::new(0),
                 seed: std::collections::hash_map::RandomState::new()
                     .build_hasher()
                     .finish(),

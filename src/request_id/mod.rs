@@ -19,7 +19,9 @@
 //! `cookie` and `proxy-authorization` are marked sensitive on the way
 //! through, so that layers inside print them as `Sensitive`.
 //!
-//! The response gets the [`RequestId`] in its extensions. An optional
+//! The response keeps its `request-id` header; read it with
+//! [`RequestId::from_headers`] (no extension is added: it would cost every
+//! call three allocations for a copy of a header). An optional
 //! [`OverloadStats`] counts outcomes per class and model over the last
 //! minute: the 529 rate, with an alert callback.
 //!
@@ -41,7 +43,7 @@
 //!     .layer(RequestIdLogLayer::new().stats(stats.clone()))
 //!     .service(upstream);
 //! let response = client.oneshot(Request::new(Full::new(Bytes::from_static(br#"{"model":"claude-opus-4-6"}"#)))).await.unwrap();
-//! assert_eq!(response.extensions().get::<RequestId>().unwrap().as_str(), "req_1");
+//! assert_eq!(RequestId::from_headers(response.headers()).unwrap().as_str(), "req_1");
 //! assert_eq!(stats.overload_rate(), 1.0);
 //! # }
 //! ```
@@ -53,7 +55,6 @@ mod stats;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use http::header::{AUTHORIZATION, COOKIE, Entry, PROXY_AUTHORIZATION, SET_COOKIE};
@@ -68,7 +69,7 @@ pub use self::stats::{AlertState, ClassCounts, OverloadAlert, OverloadStats};
 
 use crate::body::ReplayableBody;
 use crate::headers::RequestId;
-use crate::model::{self, Model};
+use crate::model;
 
 /// The default request header carrying the client-side correlation id.
 pub const X_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-client-request-id");
@@ -108,20 +109,35 @@ pub(crate) struct Shared<M, O> {
     on_outcome: O,
     stats: Option<OverloadStats>,
     correlation_header: HeaderName,
-    ids: AtomicU64,
     seed: u64,
+}
+
+thread_local! {
+    // A counter per thread from a random start: no cache line shared by the
+    // cores on every call, and two threads' runs of ids practically never meet.
+    static NEXT_ID: std::cell::Cell<u64> = std::cell::Cell::new(
+        std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8),
+    );
 }
 
 impl<M, O> Shared<M, O> {
     fn next_correlation_id(&self) -> HeaderValue {
-        let n = self.ids.fetch_add(1, Ordering::Relaxed);
-        // Scrambled so ids from different processes rarely collide.
+        let n = NEXT_ID.with(|next| {
+            let n = next.get();
+            next.set(n.wrapping_add(1));
+            n
+        });
+        // A bijection of the counter, so distinct counts give distinct ids,
+        // scrambled so that ids do not look sequential.
         let id = (n ^ self.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self.seed.rotate_left(17);
         let mut text = *b"cli_0000000000000000";
         for (i, byte) in text[4..].iter_mut().enumerate() {
             *byte = b"0123456789abcdef"[((id >> (60 - 4 * i)) & 0xf) as usize];
         }
-        HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("cli_unknown"))
+        // Owned by a shared allocation, so the retry layer's copy of the
+        // headers shares it instead of promoting (and allocating) again.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text))
+            .unwrap_or(HeaderValue::from_static("cli_unknown"))
     }
 }
 
@@ -218,20 +234,10 @@ where
                 id
             }
         };
-        let model = match request.extensions().get::<Model>() {
-            Some(model) => Some(model.clone()),
-            None => {
-                let found = request
-                    .body()
-                    .in_memory()
-                    .and_then(|body| model::extract(&body).map(|m| Model::new(m.as_ref())));
-                // Inner layers (fallback, concurrency) then need not read the body again.
-                if let Some(model) = &found {
-                    request.extensions_mut().insert(model.clone());
-                }
-                found
-            }
-        };
+        // Not handed down as an extension: inserting one costs three
+        // allocations, and every retry would clone it; reading the name from
+        // the body again is cheaper for the few layers that need it.
+        let model = model::of_request(&request);
         let span = self.shared.make_span.make_span(&CallInfo {
             method: request.method(),
             uri: request.uri(),

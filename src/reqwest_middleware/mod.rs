@@ -38,7 +38,8 @@
 //! stream and extensions, so what the layers leave there is reachable with
 //! `response.extensions()`: [`RetryReport`](crate::retry::RetryReport),
 //! [`ServedBy`](crate::fallback::ServedBy) (when a fallback chain served the
-//! call) and the answering attempt's [`RequestId`](crate::RequestId).
+//! call); the answering attempt's id is its `request-id` header
+//! ([`RequestId::from_headers`](crate::RequestId::from_headers)).
 //! Register it first (outermost) so that every other middleware runs once
 //! per attempt, and so that no other middleware retries too: two retry
 //! loops multiply their attempts.

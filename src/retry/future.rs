@@ -335,7 +335,7 @@ impl<B: ReplayableBody> Call<B> {
             return Some(model.clone());
         }
         let body = self.spare.as_ref().or(self.next.as_ref())?.in_memory()?;
-        model::extract(&body).map(|name| Model::new(name.as_ref()))
+        model::extract(&body).map(|name| Model::from_name(&name))
     }
 
     /// A success pays the shared quota back as the AWS standard mode does:
