@@ -38,23 +38,29 @@ fn lanes_equal(word: u64, byte: u8) -> u64 {
 /// Every scan spends most of its time here (LLM bodies are mostly strings,
 /// long texts and many short keys), so it loads one word per eight bytes and
 /// does no slicing per call.
+///
+/// Short strings (keys, roles, model names) end within the first two words;
+/// past them the string is long text, and `memchr2` takes over with SIMD.
 #[inline(always)]
 fn string_end(bytes: &[u8], mut at: usize) -> Option<(usize, bool)> {
     let mut escaped = false;
     loop {
-        let hit = loop {
-            let Some(chunk) = bytes.get(at..at + 8) else {
-                let tail = bytes.get(at..)?;
-                break at + tail.iter().position(|&c| c == b'"' || c == b'\\')?;
-            };
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            let word = u64::from_le_bytes(word);
-            let hits = lanes_equal(word, b'"') | lanes_equal(word, b'\\');
-            if hits != 0 {
-                break at + (hits.trailing_zeros() / 8) as usize;
+        let hit = 'found: {
+            for _ in 0..2 {
+                let Some(chunk) = bytes.get(at..at + 8) else {
+                    let tail = bytes.get(at..)?;
+                    break 'found at + memchr::memchr2(b'"', b'\\', tail)?;
+                };
+                let mut word = [0u8; 8];
+                word.copy_from_slice(chunk);
+                let word = u64::from_le_bytes(word);
+                let hits = lanes_equal(word, b'"') | lanes_equal(word, b'\\');
+                if hits != 0 {
+                    break 'found at + (hits.trailing_zeros() / 8) as usize;
+                }
+                at += 8;
             }
-            at += 8;
+            at + memchr::memchr2(b'"', b'\\', bytes.get(at..)?)?
         };
         if bytes[hit] == b'"' {
             return Some((hit + 1, escaped));

@@ -31,7 +31,9 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        call: Option<FallbackCall<S, B>>,
+        // Boxed: a call outside every chain (the common case) then carries
+        // one pointer, not a template, a body and a service.
+        call: Option<Box<FallbackCall<S, B>>>,
     }
 }
 
@@ -78,7 +80,7 @@ where
                 let future = call.service.call(first);
                 Self {
                     state: State::Called { future },
-                    call: Some(call),
+                    call: Some(Box::new(call)),
                 }
             }
             Err(request) => Self {

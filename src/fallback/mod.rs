@@ -296,7 +296,7 @@ impl<S> ModelFallback<S> {
     pub fn is_cooling_down(&self, model: &str) -> bool {
         self.shared
             .breakers
-            .get(&Model::new(model))
+            .get(model)
             .is_some_and(|b| b.is_cooling_down(tokio::time::Instant::now()))
     }
 }
