@@ -63,6 +63,7 @@ pub mod future;
 mod layer;
 mod policy;
 mod report;
+mod stream_guard;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -75,10 +76,10 @@ use tower_service::Service;
 pub use self::classify_error::{ClassifyError, DefaultErrorClassifier};
 pub use self::layer::OverloadRetryLayer;
 pub use self::policy::{
-    AttemptLog, ClassPolicy, Decision, FinalFailure, Outcome, RetryPolicy, Silence, StopReason,
-    StreamGuard,
+    AttemptLog, ClassPolicy, Decision, FinalFailure, Outcome, RetryPolicy, StopReason,
 };
 pub use self::report::{Attempt, AttemptRecord, RetryReport};
+pub use self::stream_guard::{Silence, StreamGuard};
 
 use crate::body::{PeekedBody, ReplayableBody};
 use crate::{BoxError, Error, ErrorKind};

@@ -13,6 +13,7 @@ use crate::backoff::{Backoff, Jitter};
 use crate::budget::{RetryBudget, RetryQuota};
 use crate::classify::{Class, Classification};
 use crate::retry::classify_error::{ClassifyError, DefaultErrorClassifier};
+use crate::retry::stream_guard::StreamGuard;
 
 /// Attempts and backoff for one [`Class`] of failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,61 +54,6 @@ impl ClassPolicy {
             Backoff::new(Duration::ZERO, Duration::ZERO, Jitter::None),
         )
     }
-}
-
-/// The stream guard: how the retry layer checks the start of a streamed
-/// (`text/event-stream`) 200 before handing it on.
-///
-/// With `"stream": true` the API answers 200 and may then send
-/// `event: error` with an `overloaded_error`. The guard reads the stream up
-/// to its first event with content (past `ping`, `message_start` and
-/// `content_block_start`, which show the caller nothing), at most
-/// `max_peek_bytes` and `peek_timeout`. If that event is an error, the
-/// attempt is classified by it (an overload like a 529) and retried or
-/// given up as any other; the fallback layer sees it too. If it is content,
-/// everything read is handed on, delayed by no more than that first event.
-/// Error events after content has started pass through untouched (a retry
-/// would show output twice), are logged, and counted in the
-/// [`MidStreamErrors`](crate::sse::MidStreamErrors) response extension.
-///
-/// ```
-/// use std::time::Duration;
-/// use tower_overload::retry::{RetryPolicy, Silence, StreamGuard};
-///
-/// let policy = RetryPolicy::foreground().stream_guard(Some(StreamGuard {
-///     peek_timeout: Duration::from_secs(20),
-///     on_silence: Silence::Retry,
-///     ..StreamGuard::default()
-/// }));
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StreamGuard {
-    /// The most bytes read before deciding (default 64 KiB).
-    pub max_peek_bytes: usize,
-    /// The longest wait for the first event with content (default 30 s).
-    pub peek_timeout: Duration,
-    /// What a stream with no event with content within those bounds gets.
-    pub on_silence: Silence,
-}
-
-impl Default for StreamGuard {
-    fn default() -> Self {
-        Self {
-            max_peek_bytes: 64 * 1024,
-            peek_timeout: Duration::from_secs(30),
-            on_silence: Silence::PassThrough,
-        }
-    }
-}
-
-/// What the stream guard does with a stream that says nothing in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Silence {
-    /// Hand it on as it is (default): a slow first token is not an error.
-    #[default]
-    PassThrough,
-    /// Treat the attempt as a [`Class::Timeout`] and retry it.
-    Retry,
 }
 
 /// What the layer returns when the last attempt failed.
