@@ -16,9 +16,9 @@ use tower_service::Service;
 
 use crate::body::{PeekedBody, ReplayableBody};
 use crate::breaker_signal::BreakerSignal;
+use crate::budget::Rationing;
 use crate::classify::{self, Class, Classification, Hints, MAX_SNIFF_BYTES};
 use crate::model::{self, Model};
-use crate::retry::policy::Rationing;
 use crate::retry::report::{Attempt, AttemptRecord, RetryReport};
 use crate::retry::stream_guard::{StreamPeek, stream_verdict, worth_peeking};
 use crate::retry::{AttemptLog, Decision, FinalFailure, Outcome, RetryPolicy, StopReason};
@@ -207,7 +207,9 @@ impl<B: ReplayableBody> Call<B> {
         };
         let policy = Arc::clone(&self.policy);
         let rng = self.rng.get_or_insert_with(|| policy.rng());
-        policy.decide(&self.log, &outcome, rng)
+        // The decision is pure; the retry it grants is paid for here.
+        let decision = policy.plan(&self.log, &outcome, rng);
+        policy.pay_for(decision, verdict.class)
     }
 
     /// After a backoff: the error that ends the call when the model's

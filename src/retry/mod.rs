@@ -59,6 +59,7 @@
 //! ```
 
 mod classify_error;
+mod decide;
 pub mod future;
 mod layer;
 mod policy;
@@ -74,10 +75,9 @@ use http_body::Body;
 use tower_service::Service;
 
 pub use self::classify_error::{ClassifyError, DefaultErrorClassifier};
+pub use self::decide::{AttemptLog, Decision, Outcome, StopReason};
 pub use self::layer::OverloadRetryLayer;
-pub use self::policy::{
-    AttemptLog, ClassPolicy, Decision, FinalFailure, Outcome, RetryPolicy, StopReason,
-};
+pub use self::policy::{ClassPolicy, FinalFailure, RetryPolicy};
 pub use self::report::{Attempt, AttemptRecord, RetryReport};
 pub use self::stream_guard::{Silence, StreamGuard};
 
