@@ -130,7 +130,7 @@ pub struct Outcome {
 pub struct AttemptLog {
     /// Attempts sent.
     pub attempts: u32,
-    counts: [u32; 7],
+    counts: [u32; Class::COUNT],
     /// The last wait before a retry.
     pub last_delay: Duration,
 }
@@ -147,7 +147,7 @@ impl AttemptLog {
     /// ```
     pub fn record(&mut self, class: Class) {
         self.attempts += 1;
-        self.counts[Self::slot(class)] += 1;
+        self.counts[class.index()] += 1;
     }
 
     /// Attempts that ended in `class`.
@@ -157,19 +157,7 @@ impl AttemptLog {
     /// assert_eq!(AttemptLog::default().count(Class::Timeout), 0);
     /// ```
     pub fn count(&self, class: Class) -> u32 {
-        self.counts[Self::slot(class)]
-    }
-
-    fn slot(class: Class) -> usize {
-        match class {
-            Class::Overloaded => 0,
-            Class::RateLimited => 1,
-            Class::ServerError => 2,
-            Class::Timeout => 3,
-            Class::Conflict => 4,
-            Class::Transport => 5,
-            Class::Success | Class::Client(_) => 6,
-        }
+        self.counts[class.index()]
     }
 }
 
