@@ -278,6 +278,27 @@ fn pack(epoch: u32, balance: i64) -> u64 {
     (u64::from(epoch) << 32) | u64::from(balance as u32)
 }
 
+/// How retries are rationed across the calls of every clone.
+#[derive(Debug, Clone)]
+#[cfg(feature = "retry")]
+pub(crate) enum Rationing {
+    /// A fraction of traffic plus a floor (Finagle's / tower's budget).
+    Budget(RetryBudget),
+    /// A bucket of tokens that successes refill (the AWS SDKs' quota).
+    Quota(RetryQuota),
+}
+
+#[cfg(feature = "retry")]
+impl Rationing {
+    /// Draws one retry's cost; false when the budget or quota refuses it.
+    pub(crate) fn try_retry(&self, class: crate::classify::Class) -> bool {
+        match self {
+            Rationing::Budget(budget) => budget.withdraw(),
+            Rationing::Quota(quota) => quota.try_retry(class),
+        }
+    }
+}
+
 fn unpack(word: u64) -> (u32, i32) {
     ((word >> 32) as u32, word as u32 as i32)
 }

@@ -85,6 +85,42 @@ pub enum ClientKind {
 }
 
 impl Class {
+    /// How many [`index`](Self::index) values there are: the length of an
+    /// array with one entry per class.
+    ///
+    /// ```
+    /// use tower_overload::classify::Class;
+    /// let counts = [0u32; Class::COUNT];
+    /// assert_eq!(counts.len(), 8);
+    /// ```
+    pub const COUNT: usize = 8;
+
+    /// This class's place in an array of [`COUNT`](Self::COUNT) entries, one
+    /// per class (every client error shares one): the crate's one table
+    /// from classes to slots.
+    ///
+    /// ```
+    /// use tower_overload::classify::{Class, ClientKind};
+    /// assert_eq!(Class::Success.index(), 0);
+    /// assert_eq!(
+    ///     Class::Client(ClientKind::NotFound).index(),
+    ///     Class::Client(ClientKind::Billing).index()
+    /// );
+    /// assert!(Class::Transport.index() < Class::COUNT);
+    /// ```
+    pub const fn index(self) -> usize {
+        match self {
+            Class::Success => 0,
+            Class::Overloaded => 1,
+            Class::RateLimited => 2,
+            Class::ServerError => 3,
+            Class::Timeout => 4,
+            Class::Conflict => 5,
+            Class::Client(_) => 6,
+            Class::Transport => 7,
+        }
+    }
+
     /// Whether this class is retried when the server gives no verdict.
     ///
     /// ```

@@ -174,6 +174,7 @@ pub mod sse;
     )))
 )]
 pub mod stack;
+mod sync;
 #[cfg(any(feature = "retry", feature = "fallback"))]
 mod template;
 mod time;

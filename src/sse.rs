@@ -149,17 +149,19 @@ fn event_name(block: &[u8]) -> Option<&[u8]> {
 ///
 /// Every byte of a guarded stream passes through here after the peek, so it
 /// does not walk the stream line by line: it searches each chunk for `error`
-/// (a SIMD search, rare in a stream) and checks the few bytes around each
-/// hit. A line cut by a chunk boundary is found in the last bytes of the
-/// previous chunk, which are kept.
+/// (one SIMD pass, the only one per byte; the word is rare in a stream) and
+/// checks the few bytes around each hit. Of the line a chunk leaves
+/// unfinished, it keeps at most [`CARRY`] bytes, and only while they may still
+/// become an error line: a chunk ending in the middle of a long `data:` line
+/// (the usual case) leaves nothing to carry.
 #[derive(Debug, Clone)]
 pub(crate) struct ErrorEventWatch {
-    /// The stream's last bytes (at most [`LONGEST`]): where a line not yet
-    /// ended may start.
-    tail: [u8; LONGEST],
-    tail_len: usize,
-    /// Whether the byte before `tail` ends a line (or the stream starts there).
-    tail_at_line_start: bool,
+    /// The unfinished last line so far, while `live`.
+    carry: [u8; CARRY],
+    carry_len: usize,
+    /// Whether the unfinished last line starts a line and may still become
+    /// an error line (the stream's start counts as a line start).
+    live: bool,
     finder: memchr::memmem::Finder<'static>,
 }
 
@@ -167,13 +169,15 @@ pub(crate) struct ErrorEventWatch {
 const ERROR_LINES: [&[u8]; 2] = [b"event: error", b"event:error"];
 /// The longest of them with its line end: `event: error\r\n`.
 const LONGEST: usize = 14;
+/// The longest unfinished line that may still become one: `event: error\r`.
+const CARRY: usize = LONGEST - 1;
 
 impl Default for ErrorEventWatch {
     fn default() -> Self {
         Self {
-            tail: [0; LONGEST],
-            tail_len: 0,
-            tail_at_line_start: true,
+            carry: [0; CARRY],
+            carry_len: 0,
+            live: true,
             finder: memchr::memmem::Finder::new(b"error"),
         }
     }
@@ -192,25 +196,31 @@ fn error_line_end(bytes: &[u8], at: usize) -> Option<usize> {
     })
 }
 
+/// Whether `partial`, the start of a line (no `\n` in it), may still become an error line.
+fn may_become_error_line(partial: &[u8]) -> bool {
+    ERROR_LINES.iter().any(|line| {
+        let (head, rest) = partial.split_at(partial.len().min(line.len()));
+        line.starts_with(head) && (rest.is_empty() || rest == b"\r")
+    })
+}
+
 impl ErrorEventWatch {
     /// Feeds a chunk; returns how many error event lines ended in it.
     pub(crate) fn feed(&mut self, chunk: &[u8]) -> usize {
         let mut found = 0;
-        // Lines starting in the kept tail, or at the chunk's first byte
-        // (whose line start the tail knows), that end in this chunk.
-        let tail_len = self.tail_len;
-        let mut window = [0u8; 2 * LONGEST];
-        let head = &chunk[..chunk.len().min(LONGEST)];
-        window[..tail_len].copy_from_slice(&self.tail[..tail_len]);
-        window[tail_len..tail_len + head.len()].copy_from_slice(head);
-        let window = &window[..tail_len + head.len()];
-        for at in 0..=tail_len.min(window.len().saturating_sub(1)) {
-            let line_start = if at == 0 {
-                self.tail_at_line_start
-            } else {
-                window[at - 1] == b'\n'
-            };
-            if line_start && error_line_end(window, at).is_some_and(|end| end >= tail_len) {
+        // The line the previous chunks left unfinished, ending in this one.
+        if self.live && self.carry_len == 0 {
+            // The chunk starts a line.
+            if error_line_end(chunk, 0).is_some() {
+                found += 1;
+            }
+        } else if self.live {
+            let mut window = [0u8; CARRY + LONGEST];
+            let head = &chunk[..chunk.len().min(LONGEST)];
+            window[..self.carry_len].copy_from_slice(&self.carry[..self.carry_len]);
+            window[self.carry_len..self.carry_len + head.len()].copy_from_slice(head);
+            // The carry holds no `\n`: a line end found is in this chunk.
+            if error_line_end(&window[..self.carry_len + head.len()], 0).is_some() {
                 found += 1;
             }
         }
@@ -226,31 +236,40 @@ impl ErrorEventWatch {
                 }
             }
         }
-        self.keep_tail(chunk);
+        self.carry_over(chunk);
         found
     }
 
-    /// Keeps the last [`LONGEST`] bytes of the stream, and whether a line starts before them.
-    fn keep_tail(&mut self, chunk: &[u8]) {
-        let total = self.tail_len + chunk.len();
-        let keep = total.min(LONGEST);
-        let drop = total - keep;
-        let byte_at = |index: usize| {
-            if index < self.tail_len {
-                self.tail[index]
-            } else {
-                chunk[index - self.tail_len]
+    /// Keeps the line `chunk` leaves unfinished, if it may still become an error line.
+    fn carry_over(&mut self, chunk: &[u8]) {
+        // Only the last `CARRY + 1` bytes matter: a longer unfinished line
+        // cannot become an error line.
+        let from = chunk.len().saturating_sub(CARRY + 1);
+        // A plain loop: a SIMD search costs more than it saves on 14 bytes.
+        let partial = match chunk[from..].iter().rposition(|&b| b == b'\n') {
+            Some(at) => &chunk[from + at + 1..],
+            None if chunk.len() > CARRY || !self.live => {
+                self.live = false;
+                return;
+            }
+            // A short chunk inside a line that may still become one.
+            None => {
+                let len = self.carry_len + chunk.len();
+                if len > CARRY {
+                    self.live = false;
+                    return;
+                }
+                self.carry[self.carry_len..len].copy_from_slice(chunk);
+                self.carry_len = len;
+                self.live = may_become_error_line(&self.carry[..len]);
+                return;
             }
         };
-        if drop > 0 {
-            self.tail_at_line_start = byte_at(drop - 1) == b'\n';
+        self.live = may_become_error_line(partial);
+        if self.live {
+            self.carry[..partial.len()].copy_from_slice(partial);
+            self.carry_len = partial.len();
         }
-        let mut kept = [0u8; LONGEST];
-        for (slot, index) in kept.iter_mut().zip(drop..total) {
-            *slot = byte_at(index);
-        }
-        self.tail = kept;
-        self.tail_len = keep;
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
@@ -11,6 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::{DEFAULT_REPLAY_CAP, ReplayableBody};
 use crate::BoxError;
+use crate::sync::lock;
 
 /// Why a [`ReplayBody`] cannot be replayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,13 +171,6 @@ impl<B: Body> ReplayBody<B> {
             Ok(())
         }
     }
-}
-
-fn lock<B>(shared: &Mutex<Shared<B>>) -> MutexGuard<'_, Shared<B>> {
-    // Nothing panics while holding the lock; a poisoned lock still holds valid state.
-    shared
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl<B: Body + Unpin> ReplayableBody for ReplayBody<B>

@@ -2,13 +2,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::aimd::{AdaptiveLimit, Aimd};
 use crate::model::Model;
+use crate::sync::{lock, read, write};
 
 /// Settings fixed when the layer is built.
 #[derive(Debug, Clone)]
@@ -163,22 +164,6 @@ impl Limits {
         snapshot.sort_by(|a, b| a.key.cmp(&b.key));
         snapshot
     }
-}
-
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    // No code panics while holding these locks; a poisoned lock still holds valid state.
-    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// One key's permits, counters and (optionally) adaptive limit.

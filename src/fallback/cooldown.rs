@@ -109,10 +109,7 @@ impl Breaker {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        // Nothing panics while holding it; a poisoned lock still holds a valid state.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     pub(crate) fn admit(&self, now: Instant) -> Admission {

@@ -273,11 +273,8 @@ impl OverloadStats {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        // Callbacks run after the lock is released; a poisoned lock still holds valid counts.
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        // Callbacks run after the lock is released.
+        crate::sync::lock(&self.inner.state)
     }
 
     fn second(&self, now: Instant) -> u64 {

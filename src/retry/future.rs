@@ -16,14 +16,13 @@ use tower_service::Service;
 
 use crate::body::{PeekedBody, ReplayableBody};
 use crate::breaker_signal::BreakerSignal;
+use crate::budget::Rationing;
 use crate::classify::{self, Class, Classification, Hints, MAX_SNIFF_BYTES};
 use crate::model::{self, Model};
-use crate::retry::policy::Rationing;
 use crate::retry::report::{Attempt, AttemptRecord, RetryReport};
-use crate::retry::{
-    AttemptLog, Decision, FinalFailure, Outcome, RetryPolicy, Silence, StopReason, StreamGuard,
-};
-use crate::sse::{self, FirstEvent, MidStreamErrors};
+use crate::retry::stream_guard::{StreamPeek, stream_verdict, worth_peeking};
+use crate::retry::{AttemptLog, Decision, FinalFailure, Outcome, RetryPolicy, StopReason};
+use crate::sse::{FirstEvent, MidStreamErrors};
 use crate::template::RequestTemplate;
 use crate::{BoxError, Error, ErrorKind, headers};
 
@@ -72,67 +71,6 @@ pin_project! {
         // The output was returned.
         Done,
     }
-}
-
-/// What the stream guard has read of a stream so far.
-struct StreamPeek {
-    guard: StreamGuard,
-    seen: Vec<u8>,
-    /// Where the blocks not yet judged start: everything before is preamble.
-    judged: usize,
-    /// The first event with content, once a complete block showed it.
-    first: FirstEvent,
-}
-
-impl StreamPeek {
-    /// Adds `chunk` and judges only the blocks it completes, so a stream
-    /// trickled a byte per frame costs linear time, not a re-parse per frame.
-    fn feed(&mut self, chunk: &[u8]) {
-        let before = self.seen.len();
-        self.seen.extend_from_slice(chunk);
-        if self.first != FirstEvent::Incomplete {
-            return;
-        }
-        let seen = &self.seen;
-        // A block ends at a `\n` that closes an empty (or `\r`) line.
-        let ends_block = |i: usize| match i {
-            0 => true,
-            _ if seen[i - 1] == b'\n' => true,
-            1 => seen[0] == b'\r',
-            _ => seen[i - 1] == b'\r' && seen[i - 2] == b'\n',
-        };
-        let Some(end) = (before.max(self.judged)..seen.len())
-            .rev()
-            .find(|&i| seen[i] == b'\n' && i >= self.judged && ends_block(i))
-        else {
-            return;
-        };
-        match sse::first_event(&seen[self.judged..=end]) {
-            FirstEvent::Incomplete => self.judged = end + 1,
-            found => self.first = found,
-        }
-    }
-}
-
-/// Whether the stream guard should read the start of this response.
-fn worth_peeking(
-    parts: &response::Parts,
-    verdict: &Classification,
-    guard: Option<StreamGuard>,
-) -> Option<Box<StreamPeek>> {
-    let guard = guard?;
-    let is_stream = parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"));
-    (verdict.class == Class::Success && parts.status == StatusCode::OK && is_stream).then(|| {
-        Box::new(StreamPeek {
-            guard,
-            seen: Vec::new(),
-            judged: 0,
-            first: FirstEvent::Incomplete,
-        })
-    })
 }
 
 /// Everything about the call that outlives one attempt.
@@ -273,7 +211,9 @@ impl<B: ReplayableBody> Call<B> {
         };
         let policy = Arc::clone(&self.policy);
         let rng = self.rng.get_or_insert_with(|| policy.rng());
-        policy.decide(&self.log, &outcome, rng)
+        // The decision is pure; the retry it grants is paid for here.
+        let decision = policy.plan(&self.log, &outcome, rng);
+        policy.pay_for(decision, verdict.class)
     }
 
     /// After a backoff: the error that ends the call when the model's
@@ -562,30 +502,6 @@ impl<B: ReplayableBody> Call<B> {
             max: self.policy.max_attempts,
         };
         Some(attempt_request(&self.template, body, attempt, &self.policy))
-    }
-}
-
-/// The verdict on a streamed 200 from its first event with content.
-fn stream_verdict(
-    peek: &StreamPeek,
-    failed: bool,
-    ended: bool,
-    on_silence: Silence,
-) -> Classification {
-    let failure = |class: Class| Classification {
-        class,
-        retryable: class.is_retryable_by_default(),
-        server_verdict: None,
-    };
-    match sse::first_event(&peek.seen) {
-        FirstEvent::Error(class) => failure(class),
-        FirstEvent::Content => failure(Class::Success),
-        // Cut off before any content: nothing reached the caller, so it may be retried.
-        FirstEvent::Incomplete if failed => failure(Class::Transport),
-        FirstEvent::Incomplete if ended || on_silence == Silence::PassThrough => {
-            failure(Class::Success)
-        }
-        FirstEvent::Incomplete => failure(Class::Timeout),
     }
 }
 

@@ -60,10 +60,12 @@
 //! ```
 
 mod classify_error;
+mod decide;
 pub mod future;
 mod layer;
 mod policy;
 mod report;
+mod stream_guard;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -74,12 +76,11 @@ use http_body::Body;
 use tower_service::Service;
 
 pub use self::classify_error::{ClassifyError, DefaultErrorClassifier};
+pub use self::decide::{AttemptLog, Decision, Outcome, StopReason};
 pub use self::layer::OverloadRetryLayer;
-pub use self::policy::{
-    AttemptLog, ClassPolicy, Decision, FinalFailure, Outcome, RetryPolicy, Silence, StopReason,
-    StreamGuard,
-};
+pub use self::policy::{ClassPolicy, FinalFailure, RetryPolicy};
 pub use self::report::{Attempt, AttemptRecord, RetryReport};
+pub use self::stream_guard::{Silence, StreamGuard};
 
 use crate::body::{PeekedBody, ReplayableBody};
 use crate::{BoxError, Error, ErrorKind};
