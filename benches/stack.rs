@@ -12,6 +12,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use futures::FutureExt;
 use tower::limit::ConcurrencyLimitLayer;
 use tower::retry::RetryLayer;
+use http::Request;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_http::trace::TraceLayer;
 use tower_overload::fallback::ModelFallbackLayer;
@@ -94,5 +95,71 @@ fn bench_stack(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_stack);
+/// Runs `iters` calls split over two threads (this machine's cores), each
+/// with its own clone of `service` (so the clones share only what the
+/// service itself shares: key tables, semaphores, quotas), over three models.
+fn two_threads<S, R>(service: &S, bodies: &[Bytes], iters: u64) -> std::time::Duration
+where
+    S: Service<Request<common::Body>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let handle = runtime.handle();
+    let start = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for thread in 0..2 {
+            let mut service = service.clone();
+            scope.spawn(move || {
+                let _guard = handle.enter();
+                for i in 0..iters / 2 {
+                    let body = &bodies[(i as usize + thread) % bodies.len()];
+                    service.ready().now_or_never().unwrap().unwrap();
+                    let response = service.call(request(black_box(body)));
+                    black_box(response.now_or_never().unwrap().unwrap());
+                }
+            });
+        }
+    });
+    start.elapsed()
+}
+
+fn bench_contended(c: &mut Criterion) {
+    let bodies: Vec<Bytes> = ["claude-opus-4-6", "claude-sonnet-4-6", "claude-haiku-4-5"]
+        .iter()
+        .map(|model| {
+            Bytes::from(format!(
+                r#"{{"max_tokens":1024,"messages":[{{"role":"user","content":"{}"}}],"model":"{model}"}}"#,
+                "x".repeat(1900)
+            ))
+        })
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let ours = OverloadStack::new()
+        .retry(RetryPolicy::foreground().seed(1))
+        .layer(service_fn(no_op));
+    let tower = ServiceBuilder::new()
+        .layer(TraceLayer::new_for_http())
+        .layer(RetryLayer::new(RetryServerErrors))
+        .layer(ConcurrencyLimitLayer::new(64))
+        .service(service_fn(no_op));
+    let mut group = c.benchmark_group("stack_contended_2_threads");
+    group.throughput(criterion::Throughput::Elements(1));
+    group.bench_function("tower_overload/stack_3_models", |b| {
+        b.iter_custom(|iters| two_threads(&ours, &bodies, iters))
+    });
+    group.bench_function("anchor/tower_retry_limit_trace", |b| {
+        b.iter_custom(|iters| two_threads(&tower, &bodies, iters))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_stack, bench_contended);
 criterion_main!(benches);

@@ -30,24 +30,26 @@ pin_project! {
         S: Service<Request<B>>,
     {
         #[pin]
-        state: State<S::Future>,
-        pending: Option<(S, Request<B>)>,
+        state: State<S, B, S::Future>,
         limits: Arc<Limits>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
+    enum State<S, B, F> {
         Called { #[pin] future: F, permit: Option<Permit> },
-        Waiting { wait: Option<Wait> },
+        // Boxed: only a queued call pays for holding its request and service.
+        Waiting { wait: Option<Box<Wait<S, B>>> },
         Failed { error: Option<Error> },
         Done,
     }
 }
 
 /// A queued call: which semaphore it waits on, since when, and for how long.
-struct Wait {
+struct Wait<S, B> {
+    /// The service made ready for this call, and the call.
+    pending: Option<(S, Request<B>)>,
     key: Arc<KeyState>,
     acquire: Acquire,
     /// The key's permit, once held, while the global one is awaited.
@@ -93,7 +95,6 @@ where
                 future,
                 permit: Some(permit),
             },
-            pending: None,
             limits,
         }
     }
@@ -125,15 +126,15 @@ where
         let ready = std::mem::replace(service, clone);
         Self {
             state: State::Waiting {
-                wait: Some(Wait {
+                wait: Some(Box::new(Wait {
+                    pending: Some((ready, request)),
                     key,
                     acquire,
                     key_permit,
                     timer,
                     _slot: slot,
-                }),
+                })),
             },
-            pending: Some((ready, request)),
             limits,
         }
     }
@@ -141,7 +142,6 @@ where
     fn failed(error: Error, limits: Arc<Limits>) -> Self {
         Self {
             state: State::Failed { error: Some(error) },
-            pending: None,
             limits,
         }
     }
@@ -199,11 +199,11 @@ where
                             }
                         }
                         // Ends the wait, freeing the queue slot.
-                        let Some(Wait { key, .. }) = wait.take() else {
+                        let Some(mut waited) = wait.take() else {
                             continue;
                         };
-                        let permit = key.permit(key_permit, global);
-                        let Some((mut service, request)) = this.pending.take() else {
+                        let permit = waited.key.permit(key_permit, global);
+                        let Some((mut service, request)) = waited.pending.take() else {
                             this.state.set(State::Done);
                             return Poll::Ready(Err(Error::new(ErrorKind::QueueFull).into()));
                         };
@@ -217,9 +217,10 @@ where
                     if let Some(timer) = waiting.timer.as_mut()
                         && timer.as_mut().poll(cx).is_ready()
                     {
-                        let Some(Wait { key, .. }) = wait.take() else {
+                        let Some(waited) = wait.take() else {
                             continue;
                         };
+                        let key = &waited.key;
                         key.timed_out.fetch_add(1, Ordering::Relaxed);
                         this.state.set(State::Done);
                         let error = Error::new(ErrorKind::QueueTimeout)

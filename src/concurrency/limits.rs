@@ -1,15 +1,21 @@
 //! The per-key limits shared by every clone of the service.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::aimd::{AdaptiveLimit, Aimd};
 use crate::model::Model;
-use crate::sync::{lock, read, write};
+use crate::sync::lock;
+
+/// The key table's map: a fast hash with a random seed per process (the
+/// names come from clients, but the table is bounded, so no worse than a
+/// few dozen comparisons even for colliding names).
+type KeyMap = HashMap<Model, Arc<KeyState>, foldhash::fast::RandomState>;
 
 /// Settings fixed when the layer is built.
 #[derive(Debug, Clone)]
@@ -44,7 +50,12 @@ pub(crate) const MAX_KEY_LEN: usize = 256;
 #[derive(Debug)]
 pub(crate) struct Limits {
     pub(crate) config: Config,
-    keys: RwLock<Table>,
+    /// What lookups read: a copy of `table.map`, published again after each
+    /// change, read with no lock and no write to a shared cache line, so
+    /// calls on several cores do not serialise on the table.
+    published: ArcSwap<KeyMap>,
+    /// The table itself, changed only on a miss, under this lock.
+    table: Mutex<Table>,
     overflow: Arc<KeyState>,
     /// Advanced by every miss; a hit stamps its key with it, so the idle key
     /// with the oldest stamp is (roughly) the least recently used, without a
@@ -55,7 +66,7 @@ pub(crate) struct Limits {
 
 #[derive(Debug, Default)]
 struct Table {
-    map: HashMap<Model, Arc<KeyState>>,
+    map: KeyMap,
     /// How many entries of `map` are unknown keys (the ones `max_keys` bounds).
     unknown: usize,
 }
@@ -63,23 +74,39 @@ struct Table {
 impl Table {
     /// Drops the least recently used unknown key that nobody holds.
     ///
-    /// Every permit, waiter and queue slot holds an `Arc` of its key, and new
-    /// holders only clone it from the table under a lock, so a strong count
-    /// of 1 seen under the write lock means idle now and until the lock is
-    /// released: an entry a permit points at is never evicted.
+    /// Every permit, waiter and queue slot holds an `Arc` of its key, so a
+    /// strong count of 2 (this table and the published copy) means idle; an
+    /// older published copy still being read counts too, which only makes a
+    /// key look busy. A lookup clones the `Arc` from a published copy with
+    /// no lock, so eviction and lookup meet like Dekker's two flags: the
+    /// evictor marks the key, fences, and checks the count again; a lookup
+    /// counts itself, fences, and checks the mark. At least one of them sees
+    /// the other: the evictor keeps the key, or the lookup drops its clone
+    /// and asks the table (`Limits::insert`). An entry a permit points at is
+    /// never evicted, and no call is counted on an evicted state.
     fn evict_idle(&mut self) -> bool {
-        let victim = self
+        const IDLE: usize = 2;
+        let mut candidates: Vec<(u64, Model)> = self
             .map
             .iter()
-            .filter(|(_, state)| !state.configured && Arc::strong_count(state) == 1)
-            .min_by_key(|(_, state)| state.last_used.load(Ordering::Relaxed))
-            .map(|(key, _)| key.clone());
-        let Some(victim) = victim else {
-            return false;
-        };
-        self.map.remove(&victim);
-        self.unknown -= 1;
-        true
+            .filter(|(_, state)| !state.configured && Arc::strong_count(state) == IDLE)
+            .map(|(key, state)| (state.last_used.load(Ordering::Relaxed), key.clone()))
+            .collect();
+        candidates.sort_unstable_by_key(|(stamp, _)| *stamp);
+        for (_, key) in candidates {
+            let Some(state) = self.map.get(&key) else {
+                continue;
+            };
+            state.evicted.store(true, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            if Arc::strong_count(state) == IDLE {
+                self.map.remove(&key);
+                self.unknown -= 1;
+                return true;
+            }
+            state.evicted.store(false, Ordering::Relaxed);
+        }
+        false
     }
 }
 
@@ -97,7 +124,8 @@ impl Limits {
             .map(|n| Arc::new(Semaphore::new(n.clamp(1, Semaphore::MAX_PERMITS))));
         Self {
             config,
-            keys: RwLock::new(Table::default()),
+            published: ArcSwap::from_pointee(KeyMap::default()),
+            table: Mutex::new(Table::default()),
             overflow,
             epoch: AtomicU64::new(0),
             global,
@@ -107,16 +135,24 @@ impl Limits {
     /// The state of `key`, created on first use (see [`Limits`] for the bound).
     pub(crate) fn key(&self, key: Option<Model>) -> Arc<KeyState> {
         let key = key.unwrap_or_else(|| self.config.default_key.clone());
-        if let Some(state) = read(&self.keys).map.get(&key) {
-            state.touch(&self.epoch);
-            return Arc::clone(state);
+        if let Some(state) = self.published.load().get(&key) {
+            // Widens the race window with an eviction, for the test below.
+            #[cfg(test)]
+            std::thread::yield_now();
+            let state = Arc::clone(state);
+            // The lookup's half of the handshake in `Table::evict_idle`.
+            fence(Ordering::SeqCst);
+            if !state.evicted.load(Ordering::Relaxed) {
+                state.touch(&self.epoch);
+                return state;
+            }
         }
         self.insert(key)
     }
 
     #[cold]
     fn insert(&self, key: Model) -> Arc<KeyState> {
-        let mut table = write(&self.keys);
+        let mut table = lock(&self.table);
         if let Some(state) = table.map.get(&key) {
             state.touch(&self.epoch);
             return Arc::clone(state);
@@ -150,13 +186,16 @@ impl Limits {
             stamp,
         ));
         table.map.insert(key, Arc::clone(&state));
+        // Copied whole: the table is bounded (`max_keys` plus the configured
+        // keys), and a miss is rare next to the hits it makes lock-free.
+        self.published.store(Arc::new(table.map.clone()));
         state
     }
 
     pub(crate) fn snapshot(&self) -> Vec<KeySnapshot> {
-        let keys = read(&self.keys);
-        let mut snapshot: Vec<KeySnapshot> = keys.map.values().map(|k| k.snapshot()).collect();
-        drop(keys);
+        let table = lock(&self.table);
+        let mut snapshot: Vec<KeySnapshot> = table.map.values().map(|k| k.snapshot()).collect();
+        drop(table);
         let overflow = self.overflow.snapshot();
         if overflow.in_flight + overflow.queued > 0 || overflow.rejected + overflow.timed_out > 0 {
             snapshot.push(overflow);
@@ -173,9 +212,15 @@ pub(crate) struct KeyState {
     pub(crate) semaphore: Arc<Semaphore>,
     /// Configured keys are never evicted.
     configured: bool,
+    /// Set while the table evicts this key (see `Table::evict_idle`).
+    evicted: AtomicBool,
     /// The epoch of the last lookup (see [`Limits`]).
     last_used: AtomicU64,
     limit: Mutex<LimitState>,
+    /// Permits in use that must be forgotten, not returned, when released:
+    /// how a limit shrinks below what is already in flight. An atomic, so a
+    /// release (every call) takes no lock; only limit changes lock.
+    debt: AtomicUsize,
     in_flight: AtomicUsize,
     pub(crate) queued: AtomicUsize,
     pub(crate) rejected: AtomicU64,
@@ -185,9 +230,6 @@ pub(crate) struct KeyState {
 #[derive(Debug)]
 struct LimitState {
     current: usize,
-    /// Permits in use that must be forgotten, not returned, when released:
-    /// how a limit shrinks below what is already in flight.
-    debt: usize,
     adaptive: Option<AdaptiveLimit>,
 }
 
@@ -205,12 +247,13 @@ impl KeyState {
             key,
             semaphore: Arc::new(Semaphore::new(limit)),
             configured,
+            evicted: AtomicBool::new(false),
             last_used: AtomicU64::new(stamp),
             limit: Mutex::new(LimitState {
                 current: limit,
-                debt: 0,
                 adaptive: adaptive.map(|aimd| AdaptiveLimit::new(limit, aimd)),
             }),
+            debt: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             rejected: AtomicU64::new(0),
@@ -255,7 +298,7 @@ impl KeyState {
             let shrink = limit.current - target;
             limit.current = target;
             let forgotten = self.semaphore.forget_permits(shrink);
-            limit.debt += shrink - forgotten;
+            self.debt.fetch_add(shrink - forgotten, Ordering::AcqRel);
         }
     }
 
@@ -270,20 +313,30 @@ impl KeyState {
         if target > limit.current {
             let grow = target - limit.current;
             limit.current = target;
-            let repaid = grow.min(limit.debt);
-            limit.debt -= repaid;
-            self.semaphore.add_permits(grow - repaid);
+            // Growth first cancels debt, so the permits in use come back.
+            let debt = self
+                .debt
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |debt| {
+                    Some(debt - grow.min(debt))
+                })
+                .unwrap_or_default();
+            self.semaphore.add_permits(grow - grow.min(debt));
         }
     }
 
     fn release(&self, permit: OwnedSemaphorePermit) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let mut limit = lock(&self.limit);
-        if limit.debt > 0 {
-            limit.debt -= 1;
+        let paid = self.debt.load(Ordering::Acquire) > 0
+            && self
+                .debt
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |debt| {
+                    debt.checked_sub(1)
+                })
+                .is_ok();
+        if paid {
             permit.forget();
         }
-        // Otherwise dropping the permit (after the lock, below) hands it to the next waiter.
+        // Otherwise dropping the permit hands it to the next waiter.
     }
 
     pub(crate) fn snapshot(&self) -> KeySnapshot {
@@ -444,6 +497,43 @@ mod tests {
         assert_eq!(limits.snapshot().len(), 2);
     }
 
+    // Lookups race evictions on other threads: every holder of a name must
+    // hold the same state, or the name's limit would count twice.
+    #[test]
+    fn lookups_racing_evictions_never_split_a_name() {
+        let limits = Arc::new(limits(3, &[]));
+        let holders: Arc<Mutex<HashMap<String, (usize, usize)>>> = Arc::default();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (limits, holders) = (Arc::clone(&limits), Arc::clone(&holders));
+                std::thread::spawn(move || {
+                    for i in 0..20_000usize {
+                        let name = format!("m{}", (i * 7 + t) % 6);
+                        let state = key(&limits, &name);
+                        if state.key.as_str() == OVERFLOW_KEY {
+                            continue;
+                        }
+                        let address = Arc::as_ptr(&state) as usize;
+                        {
+                            let mut held = lock(&holders);
+                            let entry = held.entry(name.clone()).or_insert((address, 0));
+                            if entry.1 > 0 {
+                                assert_eq!(entry.0, address, "{name} split in two states");
+                            }
+                            *entry = (address, entry.1 + 1);
+                        }
+                        std::hint::spin_loop();
+                        lock(&holders).get_mut(&name).unwrap().1 -= 1;
+                        drop(state);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+    }
+
     // Defect 4: a flood of distinct names keeps the table at its bound.
     #[test]
     fn a_flood_keeps_the_table_at_its_bound() {
@@ -455,9 +545,10 @@ mod tests {
             if i % 101 == 0 && held.len() < 10 {
                 held.push(state);
             }
-            assert!(read(&limits.keys).map.len() <= 16 + 2 + 1);
+            assert!(lock(&limits.table).map.len() <= 16 + 2 + 1);
+            assert!(limits.published.load().len() <= 16 + 2 + 1);
         }
-        assert_eq!(read(&limits.keys).unknown, 16);
+        assert_eq!(lock(&limits.table).unknown, 16);
         assert!(Arc::ptr_eq(&opus, &key(&limits, "opus")));
         for state in &held {
             assert!(
