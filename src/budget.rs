@@ -570,6 +570,11 @@ impl RetryQuota {
 
     fn give_back(&self, tokens: u64) {
         let capacity = u64::from(self.shared.capacity);
+        // Full, as it is between storms: every success would otherwise write
+        // the shared counter, a cache line bounced between the cores.
+        if self.shared.tokens.load(Ordering::Relaxed) >= capacity {
+            return;
+        }
         let _ = self
             .shared
             .tokens

@@ -567,3 +567,38 @@ async fn defect_4_cancelled_waiters_leave_no_stale_entry() {
         .collect();
     assert_eq!(keys, ["d", "e"]);
 }
+
+// A call that holds its model's permit while it waits for the global one,
+// then is dropped, gives the model's permit back: without that, the model
+// would stay blocked after the global permit is free again.
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_while_waiting_for_the_global_permit_returns_its_key_permit() {
+    let mock = MockUpstream::start().await;
+    mock.push_for_model(
+        "a",
+        [Reply::slow_body(&["a", "b"], Duration::from_secs(30))],
+    );
+    let layer = ConcurrencyPerModelLayer::new(1).global_limit(Some(1));
+    let service = limited(&layer);
+    let holder = service
+        .clone()
+        .oneshot(messages_request(&mock, "a"))
+        .await
+        .unwrap();
+
+    // Takes b's only permit, then waits for the global one that `holder` has.
+    let mut waiter = Box::pin(service.clone().oneshot(messages_request(&mock, "b")));
+    assert!(futures::poll!(waiter.as_mut()).is_pending());
+    drop(waiter);
+    drop(holder);
+
+    let next = tokio::time::timeout(
+        Duration::from_secs(5),
+        service.oneshot(messages_request(&mock, "b")),
+    )
+    .await
+    .expect("b's permit came back")
+    .unwrap();
+    assert_eq!(next.status(), 200);
+    assert_eq!(snapshot_of(&layer, "b").in_flight, 1);
+}

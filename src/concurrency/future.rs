@@ -13,7 +13,7 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit};
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::limits::{KeyState, Limits, Permit};
+use super::limits::{HeldKey, KeyState, Limits, Permit};
 use crate::classify::{self, Class};
 use crate::{BoxError, Error, ErrorKind};
 
@@ -53,7 +53,7 @@ struct Wait<S, B> {
     key: Arc<KeyState>,
     acquire: Acquire,
     /// The key's permit, once held, while the global one is awaited.
-    key_permit: Option<OwnedSemaphorePermit>,
+    key_permit: Option<HeldKey>,
     timer: Option<Pin<Box<Sleep>>>,
     _slot: QueueSlot,
 }
@@ -77,18 +77,20 @@ where
         key: Arc<KeyState>,
         limits: Arc<Limits>,
     ) -> Self {
-        let key_permit = match Arc::clone(&key.semaphore).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => return Self::queue(service, request, key, None, limits),
-        };
+        if !key.try_take() {
+            return Self::queue(service, request, key, None, limits);
+        }
         let global = match &limits.global {
             None => None,
             Some(global) => match Arc::clone(global).try_acquire_owned() {
                 Ok(permit) => Some(permit),
-                Err(_) => return Self::queue(service, request, key, Some(key_permit), limits),
+                Err(_) => {
+                    let held = HeldKey::taken(Arc::clone(&key));
+                    return Self::queue(service, request, key, Some(held), limits);
+                }
             },
         };
-        let permit = key.permit(key_permit, global);
+        let permit = KeyState::permit(key, global);
         let future = service.call(request);
         Self {
             state: State::Called {
@@ -103,7 +105,7 @@ where
         service: &mut S,
         request: Request<B>,
         key: Arc<KeyState>,
-        key_permit: Option<OwnedSemaphorePermit>,
+        key_permit: Option<HeldKey>,
         limits: Arc<Limits>,
     ) -> Self {
         let config = &limits.config;
@@ -183,7 +185,7 @@ where
                         };
                         let (key_permit, mut global) = match waiting.key_permit.take() {
                             Some(key_permit) => (key_permit, Some(acquired)),
-                            None => (acquired, None),
+                            None => (HeldKey::acquired(Arc::clone(&waiting.key), acquired), None),
                         };
                         if global.is_none()
                             && let Some(semaphore) = &this.limits.global
@@ -202,7 +204,7 @@ where
                         let Some(mut waited) = wait.take() else {
                             continue;
                         };
-                        let permit = waited.key.permit(key_permit, global);
+                        let permit = key_permit.into_permit(global);
                         let Some((mut service, request)) = waited.pending.take() else {
                             this.state.set(State::Done);
                             return Poll::Ready(Err(Error::new(ErrorKind::QueueFull).into()));

@@ -273,16 +273,24 @@ impl KeyState {
         }
     }
 
-    /// Counts a call in flight from here until the permit is dropped.
-    pub(crate) fn permit(
-        self: &Arc<Self>,
-        key: OwnedSemaphorePermit,
-        global: Option<OwnedSemaphorePermit>,
-    ) -> Permit {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    /// Takes one of the key's permits now, if one is free.
+    ///
+    /// Borrowed, not owned: an owned permit would clone the semaphore's
+    /// `Arc` and drop it again, two writes to a shared cache line per call.
+    /// The permit is forgotten here and given back by [`Permit`]'s drop.
+    pub(crate) fn try_take(&self) -> bool {
+        self.semaphore
+            .try_acquire()
+            .map(tokio::sync::SemaphorePermit::forget)
+            .is_ok()
+    }
+
+    /// Counts a call in flight from here until the permit is dropped; the
+    /// key's permit was taken with [`try_take`](Self::try_take).
+    pub(crate) fn permit(state: Arc<Self>, global: Option<OwnedSemaphorePermit>) -> Permit {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
         Permit {
-            state: Arc::clone(self),
-            key: Some(key),
+            state,
             _global: global,
         }
     }
@@ -324,7 +332,7 @@ impl KeyState {
         }
     }
 
-    fn release(&self, permit: OwnedSemaphorePermit) {
+    fn release(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let paid = self.debt.load(Ordering::Acquire) > 0
             && self
@@ -333,10 +341,11 @@ impl KeyState {
                     debt.checked_sub(1)
                 })
                 .is_ok();
-        if paid {
-            permit.forget();
+        // Paying a debt keeps the permit out: the limit shrank meanwhile.
+        // Otherwise it goes back, to the next waiter if there is one.
+        if !paid {
+            self.semaphore.add_permits(1);
         }
-        // Otherwise dropping the permit hands it to the next waiter.
     }
 
     pub(crate) fn snapshot(&self) -> KeySnapshot {
@@ -351,12 +360,46 @@ impl KeyState {
     }
 }
 
+/// A key's permit, taken (see [`KeyState::try_take`]) but not yet counted in
+/// flight: what a call holds while it waits for the global permit. Dropped,
+/// it gives the permit back.
+pub(crate) struct HeldKey {
+    state: Arc<KeyState>,
+    armed: bool,
+}
+
+impl HeldKey {
+    /// `state`'s permit, which the caller has just taken with `try_take`.
+    pub(crate) fn taken(state: Arc<KeyState>) -> Self {
+        Self { state, armed: true }
+    }
+
+    /// A permit acquired by waiting, held the same way.
+    pub(crate) fn acquired(state: Arc<KeyState>, permit: OwnedSemaphorePermit) -> Self {
+        permit.forget();
+        Self::taken(state)
+    }
+
+    /// The call goes out: its permit now counts in flight.
+    pub(crate) fn into_permit(mut self, global: Option<OwnedSemaphorePermit>) -> Permit {
+        self.armed = false;
+        KeyState::permit(Arc::clone(&self.state), global)
+    }
+}
+
+impl Drop for HeldKey {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.semaphore.add_permits(1);
+        }
+    }
+}
+
 /// A key's permit (and the global one, when there is a global cap): held
 /// by the response body until it ends or is dropped.
 #[derive(Debug)]
 pub(crate) struct Permit {
     state: Arc<KeyState>,
-    key: Option<OwnedSemaphorePermit>,
     _global: Option<OwnedSemaphorePermit>,
 }
 
@@ -368,9 +411,7 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let Some(permit) = self.key.take() {
-            self.state.release(permit);
-        }
+        self.state.release();
     }
 }
 
