@@ -158,7 +158,9 @@ pub mod reqwest_middleware;
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;
 pub mod sse;
-#[cfg(all(
+// Built with any layer: `ServiceBuilderExt` has one method per layer, each
+// behind that layer's feature; `OverloadStack` needs all four.
+#[cfg(any(
     feature = "retry",
     feature = "concurrency",
     feature = "fallback",
@@ -166,7 +168,7 @@ pub mod sse;
 ))]
 #[cfg_attr(
     docsrs,
-    doc(cfg(all(
+    doc(cfg(any(
         feature = "retry",
         feature = "concurrency",
         feature = "fallback",
@@ -210,7 +212,23 @@ pub use retry::{OverloadRetryLayer, RetryPolicy};
         feature = "request-id"
     )))
 )]
-pub use stack::{OverloadStack, ServiceBuilderExt};
+pub use stack::OverloadStack;
+#[cfg(any(
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(
+        feature = "retry",
+        feature = "concurrency",
+        feature = "fallback",
+        feature = "request-id"
+    )))
+)]
+pub use stack::ServiceBuilderExt;
 
 /// The README's Rust snippets, compiled as doctests so that what it shows works.
 #[cfg(all(

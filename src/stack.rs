@@ -22,7 +22,8 @@
 //! with sleepers. The cap innermost counts exactly what the upstream sees.
 //!
 //! ```
-//! use std::time::Duration;
+//! # #[cfg(all(feature = "retry", feature = "concurrency", feature = "fallback", feature = "request-id"))]
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! use bytes::Bytes;
 //! use http_body_util::Full;
 //! use hyper_util::client::legacy::Client;
@@ -33,7 +34,6 @@
 //! use tower_overload::retry::RetryPolicy;
 //! use tower_overload::stack::OverloadStack;
 //!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
 //! let stack = OverloadStack::new()
 //!     .retry(RetryPolicy::foreground())
@@ -42,16 +42,63 @@
 //! let service = stack.layer(client);
 //! # let _ = service;
 //! # }
+//! # #[cfg(not(all(feature = "retry", feature = "concurrency", feature = "fallback", feature = "request-id")))]
+//! # fn main() {}
 //! ```
 
 use tower::ServiceBuilder;
-use tower_layer::{Layer, Stack};
+#[cfg(all(
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
+use tower_layer::Layer;
+use tower_layer::Stack;
 
-use crate::concurrency::{ConcurrencyPerModel, ConcurrencyPerModelLayer};
-use crate::fallback::{FallbackStep, ModelFallback, ModelFallbackLayer};
-use crate::request_id::{OverloadStats, RequestIdLog, RequestIdLogLayer};
-use crate::retry::{OverloadRetry, OverloadRetryLayer, RetryPolicy};
+#[cfg(all(
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
+use crate::concurrency::ConcurrencyPerModel;
+#[cfg(feature = "concurrency")]
+use crate::concurrency::ConcurrencyPerModelLayer;
+#[cfg(all(
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
+use crate::fallback::ModelFallback;
+#[cfg(feature = "fallback")]
+use crate::fallback::{FallbackStep, ModelFallbackLayer};
+#[cfg(feature = "request-id")]
+use crate::request_id::RequestIdLogLayer;
+#[cfg(all(
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
+use crate::request_id::{OverloadStats, RequestIdLog};
+#[cfg(all(
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
+use crate::retry::OverloadRetry;
+#[cfg(feature = "retry")]
+use crate::retry::{OverloadRetryLayer, RetryPolicy};
 
+#[cfg(all(
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
 /// The recommended stack: log, fallback, retry, per-model concurrency.
 ///
 /// Defaults: logging on, no fallback chain (fallback is opt-in: switching
@@ -65,12 +112,24 @@ pub struct OverloadStack {
     concurrency: ConcurrencyPerModelLayer,
 }
 
+#[cfg(all(
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
 impl Default for OverloadStack {
     fn default() -> Self {
         Self::new()
     }
 }
 
+#[cfg(all(
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
 impl OverloadStack {
     /// The defaults above.
     ///
@@ -145,9 +204,21 @@ impl OverloadStack {
     }
 }
 
+#[cfg(all(
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
 /// The service [`OverloadStack`] makes.
 pub type OverloadService<S> = RequestIdLog<ModelFallback<OverloadRetry<ConcurrencyPerModel<S>>>>;
 
+#[cfg(all(
+    feature = "retry",
+    feature = "concurrency",
+    feature = "fallback",
+    feature = "request-id"
+))]
 impl<S> Layer<S> for OverloadStack {
     type Service = OverloadService<S>;
 
@@ -159,9 +230,12 @@ impl<S> Layer<S> for OverloadStack {
     }
 }
 
-/// One method per layer on [`ServiceBuilder`], in tower-http's style.
+/// One method per layer on [`ServiceBuilder`], in tower-http's style; each
+/// method is there when its layer's feature is on.
 ///
 /// ```
+/// # #[cfg(all(feature = "retry", feature = "concurrency", feature = "fallback", feature = "request-id"))]
+/// # fn main() {
 /// use tower::ServiceBuilder;
 /// use tower_overload::concurrency::ConcurrencyPerModelLayer;
 /// use tower_overload::retry::RetryPolicy;
@@ -172,23 +246,82 @@ impl<S> Layer<S> for OverloadStack {
 ///     .model_fallback(["claude-opus-4-6", "claude-sonnet-4-6"])
 ///     .overload_retry(RetryPolicy::foreground())
 ///     .concurrency_per_model(ConcurrencyPerModelLayer::new(8));
+/// # }
+/// # #[cfg(not(all(feature = "retry", feature = "concurrency", feature = "fallback", feature = "request-id")))]
+/// # fn main() {}
 /// ```
 pub trait ServiceBuilderExt<L>: sealed::Sealed {
     /// Adds [`RequestIdLogLayer::new`].
+    ///
+    /// ```
+    /// use tower::ServiceBuilder;
+    /// use tower_overload::stack::ServiceBuilderExt;
+    /// let builder = ServiceBuilder::new().request_id_log();
+    /// ```
+    #[cfg(feature = "request-id")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "request-id")))]
     fn request_id_log(self) -> ServiceBuilder<Stack<RequestIdLogLayer, L>>;
     /// Adds a [`ModelFallbackLayer`] with one chain.
+    ///
+    /// ```
+    /// use tower::ServiceBuilder;
+    /// use tower_overload::stack::ServiceBuilderExt;
+    /// let builder = ServiceBuilder::new().model_fallback(["claude-opus-4-6", "claude-sonnet-4-6"]);
+    /// ```
+    #[cfg(feature = "fallback")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
     fn model_fallback<I>(self, chain: I) -> ServiceBuilder<Stack<ModelFallbackLayer, L>>
     where
         I: IntoIterator,
         I::Item: Into<FallbackStep>;
     /// Adds an [`OverloadRetryLayer`].
+    ///
+    /// ```
+    /// use tower::ServiceBuilder;
+    /// use tower_overload::stack::ServiceBuilderExt;
+    /// # use tower_overload::retry::RetryPolicy;
+    /// let builder = ServiceBuilder::new().overload_retry(RetryPolicy::foreground());
+    /// ```
+    #[cfg(feature = "retry")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
     fn overload_retry(self, policy: RetryPolicy) -> ServiceBuilder<Stack<OverloadRetryLayer, L>>;
     /// Adds a [`ConcurrencyPerModelLayer`].
+    ///
+    /// ```
+    /// use tower::ServiceBuilder;
+    /// use tower_overload::stack::ServiceBuilderExt;
+    /// # use tower_overload::concurrency::ConcurrencyPerModelLayer;
+    /// let builder = ServiceBuilder::new().concurrency_per_model(ConcurrencyPerModelLayer::new(8));
+    /// ```
+    #[cfg(feature = "concurrency")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "concurrency")))]
     fn concurrency_per_model(
         self,
         layer: ConcurrencyPerModelLayer,
     ) -> ServiceBuilder<Stack<ConcurrencyPerModelLayer, L>>;
     /// Adds the whole [`OverloadStack`].
+    ///
+    /// ```
+    /// use tower::ServiceBuilder;
+    /// use tower_overload::stack::ServiceBuilderExt;
+    /// # use tower_overload::stack::OverloadStack;
+    /// let builder = ServiceBuilder::new().overload_stack(OverloadStack::new());
+    /// ```
+    #[cfg(all(
+        feature = "retry",
+        feature = "concurrency",
+        feature = "fallback",
+        feature = "request-id"
+    ))]
+    #[cfg_attr(
+        docsrs,
+        doc(cfg(all(
+            feature = "retry",
+            feature = "concurrency",
+            feature = "fallback",
+            feature = "request-id"
+        )))
+    )]
     fn overload_stack(self, stack: OverloadStack) -> ServiceBuilder<Stack<OverloadStack, L>>;
 }
 
@@ -198,10 +331,12 @@ mod sealed {
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
+    #[cfg(feature = "request-id")]
     fn request_id_log(self) -> ServiceBuilder<Stack<RequestIdLogLayer, L>> {
         self.layer(RequestIdLogLayer::new())
     }
 
+    #[cfg(feature = "fallback")]
     fn model_fallback<I>(self, chain: I) -> ServiceBuilder<Stack<ModelFallbackLayer, L>>
     where
         I: IntoIterator,
@@ -210,10 +345,12 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self.layer(ModelFallbackLayer::new(chain))
     }
 
+    #[cfg(feature = "retry")]
     fn overload_retry(self, policy: RetryPolicy) -> ServiceBuilder<Stack<OverloadRetryLayer, L>> {
         self.layer(OverloadRetryLayer::new(policy))
     }
 
+    #[cfg(feature = "concurrency")]
     fn concurrency_per_model(
         self,
         layer: ConcurrencyPerModelLayer,
@@ -221,6 +358,12 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self.layer(layer)
     }
 
+    #[cfg(all(
+        feature = "retry",
+        feature = "concurrency",
+        feature = "fallback",
+        feature = "request-id"
+    ))]
     fn overload_stack(self, stack: OverloadStack) -> ServiceBuilder<Stack<OverloadStack, L>> {
         self.layer(stack)
     }
