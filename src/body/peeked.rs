@@ -37,12 +37,29 @@ pin_project! {
     /// # }
     /// ```
     pub struct PeekedBody<B: Body> {
-        prefix: VecDeque<Frame<Bytes>>,
-        error: Option<B::Error>,
-        watch: Option<Box<Watch>>,
+        // Boxed: most bodies were never peeked nor watched, and the
+        // response that carries this body is moved through every layer.
+        peeked: Option<Box<Peeked<B::Error>>>,
         idle: Option<Idle>,
         #[pin]
         inner: B,
+    }
+}
+
+/// What a layer read of the body before handing it on, and the watcher.
+struct Peeked<E> {
+    prefix: VecDeque<Frame<Bytes>>,
+    error: Option<E>,
+    watch: Option<Watch>,
+}
+
+impl<E> Default for Peeked<E> {
+    fn default() -> Self {
+        Self {
+            prefix: VecDeque::new(),
+            error: None,
+            watch: None,
+        }
     }
 }
 
@@ -91,12 +108,14 @@ impl<B: Body> PeekedBody<B> {
     /// ```
     pub fn new(inner: B) -> Self {
         Self {
-            prefix: VecDeque::new(),
-            error: None,
-            watch: None,
+            peeked: None,
             idle: None,
             inner,
         }
+    }
+
+    fn peeked(&mut self) -> &mut Peeked<B::Error> {
+        self.peeked.get_or_insert_with(Box::default)
     }
 
     /// Yields `chunks` before the rest of the inner body.
@@ -106,9 +125,8 @@ impl<B: Body> PeekedBody<B> {
     /// let body = PeekedBody::new(http_body_util::Empty::<bytes::Bytes>::new())
     ///     .with_prefix([bytes::Bytes::from_static(b"x")]);
     /// ```
-    pub fn with_prefix(mut self, chunks: impl IntoIterator<Item = Bytes>) -> Self {
-        self.prefix.extend(chunks.into_iter().map(Frame::data));
-        self
+    pub fn with_prefix(self, chunks: impl IntoIterator<Item = Bytes>) -> Self {
+        self.with_prefix_frames(chunks.into_iter().map(Frame::data))
     }
 
     /// Yields `frames` (data or trailers, in this order) before the rest of
@@ -131,7 +149,10 @@ impl<B: Body> PeekedBody<B> {
     /// # }
     /// ```
     pub fn with_prefix_frames(mut self, frames: impl IntoIterator<Item = Frame<Bytes>>) -> Self {
-        self.prefix.extend(frames);
+        let mut frames = frames.into_iter().peekable();
+        if frames.peek().is_some() {
+            self.peeked().prefix.extend(frames);
+        }
         self
     }
 
@@ -148,7 +169,7 @@ impl<B: Body> PeekedBody<B> {
     /// # }
     /// ```
     pub fn with_error(mut self, error: B::Error) -> Self {
-        self.error = Some(error);
+        self.peeked().error = Some(error);
         self
     }
 
@@ -188,11 +209,11 @@ impl<B: Body> PeekedBody<B> {
         errors: MidStreamErrors,
         request_id: Option<RequestId>,
     ) -> Self {
-        self.watch = Some(Box::new(Watch {
+        self.peeked().watch = Some(Watch {
             lines: ErrorEventWatch::default(),
             errors,
             request_id,
-        }));
+        });
         self
     }
 
@@ -222,14 +243,16 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        if let Some(frame) = this.prefix.pop_front() {
-            if let (Some(watch), Some(chunk)) = (this.watch.as_mut(), frame.data_ref()) {
-                watch.see(chunk);
+        if let Some(peeked) = this.peeked.as_mut() {
+            if let Some(frame) = peeked.prefix.pop_front() {
+                if let (Some(watch), Some(chunk)) = (peeked.watch.as_mut(), frame.data_ref()) {
+                    watch.see(chunk);
+                }
+                return Poll::Ready(Some(Ok(frame)));
             }
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        if let Some(error) = this.error.take() {
-            return Poll::Ready(Some(Err(error.into())));
+            if let Some(error) = peeked.error.take() {
+                return Poll::Ready(Some(Err(error.into())));
+            }
         }
         if this.idle.as_ref().is_some_and(|idle| idle.expired) {
             return Poll::Ready(None);
@@ -267,7 +290,9 @@ where
             idle.armed = false;
         }
         let frame = frame.map_data(|mut data| data.copy_to_bytes(data.remaining()));
-        if let (Some(watch), Some(chunk)) = (this.watch.as_mut(), frame.data_ref()) {
+        if let Some(peeked) = this.peeked.as_mut()
+            && let (Some(watch), Some(chunk)) = (peeked.watch.as_mut(), frame.data_ref())
+        {
             watch.see(chunk);
         }
         Poll::Ready(Some(Ok(frame)))
@@ -277,16 +302,22 @@ where
         if self.idle.as_ref().is_some_and(|idle| idle.expired) {
             return true;
         }
-        self.prefix.is_empty() && self.error.is_none() && self.inner.is_end_stream()
+        let nothing_peeked = self
+            .peeked
+            .as_ref()
+            .is_none_or(|peeked| peeked.prefix.is_empty() && peeked.error.is_none());
+        nothing_peeked && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let peeked: u64 = self
-            .prefix
-            .iter()
-            .filter_map(Frame::data_ref)
-            .map(|c| c.len() as u64)
-            .sum();
+        let peeked: u64 = self.peeked.as_ref().map_or(0, |peeked| {
+            peeked
+                .prefix
+                .iter()
+                .filter_map(Frame::data_ref)
+                .map(|c| c.len() as u64)
+                .sum()
+        });
         let inner = self.inner.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower().saturating_add(peeked));
@@ -300,8 +331,14 @@ where
 impl<B: Body> fmt::Debug for PeekedBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PeekedBody")
-            .field("peeked_frames", &self.prefix.len())
-            .field("pending_error", &self.error.is_some())
+            .field(
+                "peeked_frames",
+                &self.peeked.as_ref().map_or(0, |p| p.prefix.len()),
+            )
+            .field(
+                "pending_error",
+                &self.peeked.as_ref().is_some_and(|p| p.error.is_some()),
+            )
             .field("idle_timeout", &self.idle.as_ref().map(|idle| idle.timeout))
             .finish_non_exhaustive()
     }

@@ -52,16 +52,10 @@ pin_project! {
     enum State<F, R> {
         // An attempt is in flight.
         Called { #[pin] future: F },
-        // A failed response's body is being read to classify it.
-        Sniffing {
-            parts: Option<response::Parts>,
-            body: Option<R>,
-            chunks: Vec<Bytes>,
-            len: usize,
-            timer: Pin<Box<Sleep>>,
-            // Set when this is the stream guard reading a 200's first event.
-            stream: Option<Box<StreamPeek>>,
-        },
+        // A failed response's body is being read to classify it. Boxed,
+        // like the timers below: inline, the read's state would be moved
+        // with every call's future, success path included.
+        Sniffing { sniff: Box<Sniff<R>> },
         // Backing off before the next attempt. The timers are boxed: they
         // exist only on the failure path, and inline they would triple the
         // size of every call's future, success path included.
@@ -71,6 +65,17 @@ pin_project! {
         // The output was returned.
         Done,
     }
+}
+
+/// A response whose first bytes are being read before it is judged.
+struct Sniff<R> {
+    parts: Option<response::Parts>,
+    body: Option<R>,
+    chunks: Vec<Bytes>,
+    len: usize,
+    timer: Pin<Box<Sleep>>,
+    /// Set when this is the stream guard reading a 200's first event.
+    stream: Option<Box<StreamPeek>>,
 }
 
 /// Everything about the call that outlives one attempt.
@@ -550,12 +555,14 @@ where
                                 None => this.call.policy.sniff_timeout,
                             };
                             this.state.set(State::Sniffing {
-                                parts: Some(parts),
-                                body: Some(body),
-                                chunks: Vec::new(),
-                                len: 0,
-                                timer: Box::pin(tokio::time::sleep(wait)),
-                                stream,
+                                sniff: Box::new(Sniff {
+                                    parts: Some(parts),
+                                    body: Some(body),
+                                    chunks: Vec::new(),
+                                    len: 0,
+                                    timer: Box::pin(tokio::time::sleep(wait)),
+                                    stream,
+                                }),
                             });
                             continue;
                         }
@@ -563,14 +570,15 @@ where
                     }
                     Poll::Ready(Err(error)) => this.call.on_error(error.into()),
                 },
-                StateProj::Sniffing {
-                    parts,
-                    body,
-                    chunks,
-                    len,
-                    timer,
-                    stream,
-                } => {
+                StateProj::Sniffing { sniff } => {
+                    let Sniff {
+                        parts,
+                        body,
+                        chunks,
+                        len,
+                        timer,
+                        stream,
+                    } = &mut **sniff;
                     // The caller has not seen the head yet, so the deadline
                     // still bounds this read (a stalled body, a silent stream).
                     if this.call.poll_timer(this.timer, cx, false).is_ready() {
