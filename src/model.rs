@@ -233,6 +233,32 @@ impl std::borrow::Borrow<str> for Model {
     }
 }
 
+/// Bodies longer than this carry the model read from them as an extension
+/// (see [`of_request_carried`]); shorter ones are read again by each layer.
+///
+/// An extension costs three allocations, and each retry clones it (three
+/// more); reading the `model` of a 2 KiB body costs about as much as that,
+/// and a 100 KiB one thirty times more.
+pub(crate) const CARRY_MODEL_ABOVE: usize = 4 * 1024;
+
+/// [`of_request`], and when the model was read from a body longer than
+/// [`CARRY_MODEL_ABOVE`], left on the request as a [`Model`] extension so
+/// the layers inside do not read the body again. The outermost layer calls it.
+#[cfg_attr(not(feature = "request-id"), allow(dead_code))]
+pub(crate) fn of_request_carried<B: crate::body::ReplayableBody>(
+    request: &mut http::Request<B>,
+) -> Option<Model> {
+    if let Some(model) = request.extensions().get::<Model>() {
+        return Some(model.clone());
+    }
+    let body = request.body().in_memory()?;
+    let model = extract(&body).map(|name| Model::from_name(&name))?;
+    if body.len() > CARRY_MODEL_ABOVE {
+        request.extensions_mut().insert(model.clone());
+    }
+    Some(model)
+}
+
 /// The model a request is for: its [`Model`] extension when the caller set
 /// one, else the `model` of its in-memory JSON body. Every layer asks this
 /// one question the same way.

@@ -57,7 +57,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::header::{AUTHORIZATION, COOKIE, Entry, PROXY_AUTHORIZATION, SET_COOKIE};
+use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use tower_service::Service;
 
@@ -88,17 +88,11 @@ const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// assert!(!format!("{headers:?}").contains("sk-ant-secret"));
 /// ```
 pub fn mark_sensitive(headers: &mut HeaderMap) {
-    for name in [
-        AUTHORIZATION,
-        X_API_KEY,
-        COOKIE,
-        SET_COOKIE,
-        PROXY_AUTHORIZATION,
-    ] {
-        if let Entry::Occupied(mut entry) = headers.entry(name) {
-            for value in entry.iter_mut() {
-                value.set_sensitive(true);
-            }
+    // One pass over the few headers a request has, rather than a hashed
+    // lookup per secret name (and `entry`, which may grow the map).
+    for (name, value) in headers.iter_mut() {
+        if [&AUTHORIZATION, &X_API_KEY, &COOKIE, &SET_COOKIE, &PROXY_AUTHORIZATION].contains(&name) {
+            value.set_sensitive(true);
         }
     }
 }
@@ -234,10 +228,7 @@ where
                 id
             }
         };
-        // Not handed down as an extension: inserting one costs three
-        // allocations, and every retry would clone it; reading the name from
-        // the body again is cheaper for the few layers that need it.
-        let model = model::of_request(&request);
+        let model = model::of_request_carried(&mut request);
         let span = self.shared.make_span.make_span(&CallInfo {
             method: request.method(),
             uri: request.uri(),
