@@ -322,11 +322,9 @@ async fn forward(
 
 /// The gateway's own failure, in the API's error shape; final (see the
 /// module docs) but for a full queue.
-fn error_response(error: &BoxError) -> Response<GatewayBody> {
+fn error_response(error: &Error) -> Response<GatewayBody> {
     let response = gateway_failure(error);
-    let nothing_sent = error.downcast_ref::<Error>().is_some_and(|error| {
-        matches!(error.kind(), ErrorKind::QueueFull | ErrorKind::QueueTimeout)
-    });
+    let nothing_sent = matches!(error.kind(), ErrorKind::QueueFull | ErrorKind::QueueTimeout);
     if nothing_sent {
         response
     } else {
@@ -342,23 +340,20 @@ fn final_answer(mut response: Response<GatewayBody>) -> Response<GatewayBody> {
     response
 }
 
-fn gateway_failure(error: &BoxError) -> Response<GatewayBody> {
-    let ours = error.downcast_ref::<Error>();
+fn gateway_failure(error: &Error) -> Response<GatewayBody> {
     let message = error.to_string();
-    match ours.map(Error::kind) {
-        Some(ErrorKind::QueueFull | ErrorKind::QueueTimeout) => api_error(
+    match error.kind() {
+        ErrorKind::QueueFull | ErrorKind::QueueTimeout => api_error(
             StatusCode::from_u16(529).expect("529"),
             "overloaded_error",
             &message,
             Some(5),
         ),
-        Some(ErrorKind::DeadlineExceeded) => {
+        ErrorKind::DeadlineExceeded => {
             api_error(StatusCode::GATEWAY_TIMEOUT, "timeout_error", &message, None)
         }
-        Some(ErrorKind::ServerDelayTooLong) => {
-            let wait = ours
-                .and_then(Error::server_delay)
-                .map(|d| d.as_secs().max(1));
+        ErrorKind::ServerDelayTooLong => {
+            let wait = error.server_delay().map(|d| d.as_secs().max(1));
             api_error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",

@@ -468,7 +468,7 @@ fn strategies(upstream: &Upstream, seed: u64) -> Vec<(&'static str, Client)> {
         ),
         (
             "full stack",
-            BoxCloneService::new(stack.map_response(|r| r.status())),
+            BoxCloneService::new(stack.map_response(|r| r.status()).map_err(BoxError::from)),
         ),
     ]
 }

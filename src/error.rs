@@ -71,6 +71,20 @@ pub enum ErrorKind {
 ///
 /// Built with [`Error::new`] and the `with_*` methods; read with the
 /// accessors. [`Display`](fmt::Display) gives one line a person can act on.
+///
+/// **One convention for the whole stack.** Every layer that can fail a call
+/// on its own (retry, concurrency, fallback) returns this `Error`, so a
+/// caller matches on [`Error::kind`] without downcasting, whichever layers it
+/// stacked. An error of the service inside that is not already one of ours
+/// is wrapped as [`ErrorKind::Transport`] with the original as its
+/// [`source`](std::error::Error::source) (so `is_connect()` and friends stay
+/// reachable, and the retry layer's classifier still walks to them); one
+/// that is ours passes through unchanged ([`Error::from_inner`]), so an inner
+/// layer's verdict (a full queue, say) reaches the caller as it was given.
+/// The log layer adds no failure of its own and passes its inner service's
+/// error through. The typed error was chosen over tower's `BoxError` because
+/// it is what this crate adds: class, status, model, attempts and request
+/// ids, in every failure, with no downcast to forget.
 pub struct Error {
     inner: Box<Inner>,
 }
@@ -86,6 +100,9 @@ struct Inner {
     elapsed: Duration,
     server_delay: Option<Duration>,
     source: Option<BoxError>,
+    /// Made by [`Error::from_inner`] around a foreign error, with no
+    /// context of its own: a layer outside may unwrap it again.
+    wrapper: bool,
 }
 
 impl Error {
@@ -110,6 +127,7 @@ impl Error {
                 elapsed: Duration::ZERO,
                 server_delay: None,
                 source: None,
+                wrapper: false,
             }),
         }
     }
@@ -235,6 +253,45 @@ impl Error {
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
         self.inner.source = Some(source.into());
         self
+    }
+
+    /// The error of a service inside a layer: itself when it is already
+    /// this crate's error (boxed or not), otherwise a
+    /// [`Transport`](ErrorKind::Transport) error with it as the source.
+    ///
+    /// ```
+    /// # use std::error::Error as _;
+    /// # use tower_overload::{BoxError, Error, ErrorKind};
+    /// let ours: BoxError = Box::new(Error::new(ErrorKind::QueueFull));
+    /// assert_eq!(Error::from_inner(ours).kind(), ErrorKind::QueueFull);
+    /// let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+    /// let wrapped = Error::from_inner(reset);
+    /// assert_eq!(wrapped.kind(), ErrorKind::Transport);
+    /// assert!(wrapped.source().unwrap().is::<std::io::Error>());
+    /// ```
+    pub fn from_inner(error: impl Into<BoxError>) -> Self {
+        match error.into().downcast::<Error>() {
+            Ok(ours) => *ours,
+            Err(other) => {
+                let mut error = Error::new(ErrorKind::Transport).with_source(other);
+                error.inner.wrapper = true;
+                error
+            }
+        }
+    }
+
+    /// The foreign error inside, when this error only wraps one
+    /// ([`from_inner`](Self::from_inner), nothing added since); else itself.
+    /// How a layer outside (the retry layer's own error, the
+    /// reqwest-middleware adapter) sees through a layer inside.
+    pub(crate) fn into_foreign(mut self) -> Result<BoxError, Error> {
+        match (self.inner.wrapper, self.inner.source.take()) {
+            (true, Some(source)) => Ok(source),
+            (_, source) => {
+                self.inner.source = source;
+                Err(self)
+            }
+        }
     }
 
     /// Why the call failed.

@@ -321,9 +321,6 @@ async fn defect_11_a_model_name_cannot_forge_log_lines() {
         .oneshot(messages_request(&mock, forged))
         .await
         .expect_err("a 400 is final");
-    let error = error
-        .downcast::<tower_overload::Error>()
-        .expect("the crate's error");
     assert_eq!(
         error.model().map(Model::as_str),
         Some(forged),

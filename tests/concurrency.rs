@@ -17,12 +17,8 @@ type Response = http::Response<PermitBody<hyper::body::Incoming>>;
 
 fn limited(
     layer: &ConcurrencyPerModelLayer,
-) -> impl Service<
-    Request<Full<Bytes>>,
-    Response = Response,
-    Error = tower_overload::BoxError,
-    Future: Send,
-> + Clone
+) -> impl Service<Request<Full<Bytes>>, Response = Response, Error = tower_overload::Error, Future: Send>
++ Clone
 + Send
 + 'static {
     layer.layer(client())
@@ -36,11 +32,8 @@ fn snapshot_of(layer: &ConcurrencyPerModelLayer, key: &str) -> KeySnapshot {
         .unwrap_or_else(|| panic!("no key {key} in {:?}", layer.snapshot()))
 }
 
-fn kind(error: &tower_overload::BoxError) -> ErrorKind {
-    error
-        .downcast_ref::<Error>()
-        .expect("the crate's error")
-        .kind()
+fn kind(error: &Error) -> ErrorKind {
+    error.kind()
 }
 
 #[tokio::test(start_paused = true)]
@@ -315,7 +308,7 @@ fn invented_names(count: usize, seed: u64) -> Vec<String> {
 }
 
 async fn call_and_read(
-    service: impl Service<Request<Full<Bytes>>, Response = Response, Error = tower_overload::BoxError>,
+    service: impl Service<Request<Full<Bytes>>, Response = Response, Error = Error>,
     request: Request<Full<Bytes>>,
 ) -> Result<(), tower_overload::BoxError> {
     let response = service.oneshot(request).await?;
@@ -495,7 +488,7 @@ async fn defect_4_unknown_names_cannot_block_a_configured_model() {
     let mut refused = 0;
     while let Some(done) = invented.join_next().await {
         if let Err(error) = done.unwrap() {
-            assert_eq!(kind(&error), ErrorKind::QueueFull);
+            assert_eq!(Error::from_inner(error).kind(), ErrorKind::QueueFull);
             refused += 1;
         }
     }

@@ -28,12 +28,8 @@ type Response = http::Response<hyper::body::Incoming>;
 
 fn falling_back(
     layer: &ModelFallbackLayer,
-) -> impl Service<
-    Request<Full<Bytes>>,
-    Response = Response,
-    Error = tower_overload::BoxError,
-    Future: Send,
-> + Clone
+) -> impl Service<Request<Full<Bytes>>, Response = Response, Error = tower_overload::Error, Future: Send>
++ Clone
 + Send
 + 'static {
     layer.layer(client())
@@ -314,7 +310,6 @@ async fn a_typed_overload_error_from_the_retry_layer_falls_back_too() {
         .oneshot(messages_request(&mock, OPUS))
         .await
         .unwrap_err();
-    let error = error.downcast::<tower_overload::Error>().unwrap();
     assert_eq!(error.kind(), tower_overload::ErrorKind::NotRetryable);
 }
 
@@ -375,7 +370,7 @@ async fn defect_10_a_probe_slot_is_released_when_the_body_cannot_be_rewritten() 
 fn shipped() -> impl Service<
     Request<Full<Bytes>>,
     Response = http::Response<tower_overload::body::PeekedBody<hyper::body::Incoming>>,
-    Error = tower_overload::BoxError,
+    Error = tower_overload::Error,
     Future: Send,
 > + Clone
 + Send

@@ -126,9 +126,7 @@ async fn the_default_stack_recovers_its_retries_after_a_long_outage() {
                     (ok, tried)
                 }
                 Err(error) => {
-                    let attempts = error
-                        .downcast_ref::<tower_overload::Error>()
-                        .map_or(1, |error| error.attempts().max(1));
+                    let attempts = error.attempts().max(1);
                     (false, attempts as usize)
                 }
             };

@@ -13,13 +13,13 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use support::{MockUpstream, Reply, client, messages_request};
 use tower::{Layer, ServiceBuilder, ServiceExt};
+use tower_overload::ErrorKind;
 use tower_overload::backoff::{Backoff, Jitter};
 use tower_overload::budget::RetryQuota;
 use tower_overload::concurrency::{Aimd, ConcurrencyPerModelLayer};
 use tower_overload::fallback::ModelFallbackLayer;
 use tower_overload::retry::{ClassPolicy, OverloadRetryLayer, RetryPolicy};
 use tower_overload::stack::OverloadStack;
-use tower_overload::{Error, ErrorKind};
 
 const MODELS: [&str; 3] = ["claude-opus-4-6", "claude-sonnet-4-6", "claude-haiku-4-5"];
 
@@ -113,7 +113,7 @@ async fn under_load_with_faults_and_cancellations_nothing_is_lost_or_leaked() {
                         }
                         End::Answered(status)
                     }
-                    Err(error) => End::Failed(error.downcast_ref::<Error>().map(Error::kind)),
+                    Err(error) => End::Failed(Some(error.kind())),
                 }
             };
             let end = if fate >= 85 {

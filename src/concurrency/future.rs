@@ -155,7 +155,7 @@ where
     S::Error: Into<BoxError>,
     R: Body,
 {
-    type Output = Result<Response<PermitBody<R>>, BoxError>;
+    type Output = Result<Response<PermitBody<R>>, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -166,7 +166,7 @@ where
                     let permit = permit.take();
                     this.state.set(State::Done);
                     // On an error the permit is dropped here, at once.
-                    let response = result.map_err(Into::into)?;
+                    let response = result.map_err(Error::from_inner)?;
                     if let Some(permit) = &permit {
                         adapt(permit.state(), &response, this.limits);
                     }
@@ -175,13 +175,13 @@ where
                 StateProj::Waiting { wait } => {
                     let Some(waiting) = wait.as_mut() else {
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(Error::new(ErrorKind::QueueTimeout).into()));
+                        return Poll::Ready(Err(Error::new(ErrorKind::QueueTimeout)));
                     };
                     if let Poll::Ready(acquired) = waiting.acquire.as_mut().poll(cx) {
                         let Ok(acquired) = acquired else {
                             // The semaphores are never closed; treat it as a full queue.
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(Error::new(ErrorKind::QueueFull).into()));
+                            return Poll::Ready(Err(Error::new(ErrorKind::QueueFull)));
                         };
                         let (key_permit, mut global) = match waiting.key_permit.take() {
                             Some(key_permit) => (key_permit, Some(acquired)),
@@ -207,7 +207,7 @@ where
                         let permit = key_permit.into_permit(global);
                         let Some((mut service, request)) = waited.pending.take() else {
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(Error::new(ErrorKind::QueueFull).into()));
+                            return Poll::Ready(Err(Error::new(ErrorKind::QueueFull)));
                         };
                         let future = service.call(request);
                         this.state.set(State::Called {
@@ -228,7 +228,7 @@ where
                         let error = Error::new(ErrorKind::QueueTimeout)
                             .with_model(key.key.clone())
                             .with_elapsed(this.limits.config.queue_timeout.unwrap_or_default());
-                        return Poll::Ready(Err(error.into()));
+                        return Poll::Ready(Err(error));
                     }
                     return Poll::Pending;
                 }
@@ -237,7 +237,7 @@ where
                         .take()
                         .unwrap_or_else(|| Error::new(ErrorKind::QueueFull));
                     this.state.set(State::Done);
-                    return Poll::Ready(Err(error.into()));
+                    return Poll::Ready(Err(error));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after it completed"),
             }

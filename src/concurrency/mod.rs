@@ -79,9 +79,9 @@ pub use self::layer::ConcurrencyPerModelLayer;
 pub use self::limits::KeySnapshot;
 
 use self::limits::Limits;
-use crate::BoxError;
 #[cfg(doc)]
 use crate::Model;
+use crate::{BoxError, Error};
 
 /// Caps in-flight calls per model; made by [`ConcurrencyPerModelLayer`].
 #[derive(Debug, Clone)]
@@ -157,11 +157,11 @@ where
     R: Body,
 {
     type Response = Response<PermitBody<R>>;
-    type Error = BoxError;
+    type Error = Error;
     type Future = future::ResponseFuture<S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        self.inner.poll_ready(cx).map_err(Error::from_inner)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {

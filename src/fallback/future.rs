@@ -371,7 +371,7 @@ where
     S::Error: Into<BoxError>,
     B: ReplayableBody,
 {
-    type Output = Result<Response<R>, BoxError>;
+    type Output = Result<Response<R>, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -381,7 +381,7 @@ where
                     let result = ready!(future.poll(cx));
                     let Some(call) = this.call.as_mut() else {
                         this.state.set(State::Done);
-                        return Poll::Ready(result.map_err(Into::into));
+                        return Poll::Ready(result.map_err(Error::from_inner));
                     };
                     match result {
                         Ok(mut response) => {
@@ -411,8 +411,8 @@ where
                             return Poll::Ready(Ok(response));
                         }
                         Err(error) => {
-                            let error: BoxError = error.into();
-                            let ours = error.downcast_ref::<Error>();
+                            let error = Error::from_inner(error);
+                            let ours = Some(&error);
                             let class = ours.and_then(Error::class);
                             // A full or timed-out per-model queue: the model is saturated
                             // here, before the upstream; not a verdict on its capacity.
@@ -450,7 +450,7 @@ where
                     if let Err(error) = ready!(call.service.poll_ready(cx)) {
                         call.settle(None);
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(error.into()));
+                        return Poll::Ready(Err(Error::from_inner(error)));
                     }
                     let Some(request) = call.pending.take() else {
                         unreachable!("a fallback request is pending in the ready state");

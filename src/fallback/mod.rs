@@ -10,8 +10,9 @@
 //! a response header, and every fallback is a `tracing` event with the
 //! request ids involved.
 //!
-//! Errors of the inner service come back boxed ([`BoxError`]); one that is
-//! this crate's [`Error`](crate::Error) with a trigger class (the retry
+//! Errors come back as the crate's [`Error`](crate::Error) (the inner
+//! service's own, when not ours, as its source; see the
+//! [convention](crate::Error)); one with a trigger class (the retry
 //! layer's [`FinalFailure::Error`](crate::retry::FinalFailure::Error) mode)
 //! falls back like the response it stands for.
 //!
@@ -80,7 +81,6 @@ pub use self::cooldown::Cooldown;
 pub use self::layer::ModelFallbackLayer;
 
 use self::cooldown::Breaker;
-use crate::BoxError;
 #[cfg(doc)]
 use crate::ErrorKind;
 use crate::body::ReplayableBody;
@@ -89,6 +89,7 @@ use crate::body::ReplayableBody as _;
 use crate::classify::Class;
 use crate::headers::RequestId;
 use crate::model::Model;
+use crate::{BoxError, Error};
 
 /// One entry of a fallback chain: a model, and optionally a change to the
 /// request for it (another endpoint or gateway serving that model).
@@ -308,11 +309,11 @@ where
     B: ReplayableBody,
 {
     type Response = Response<R>;
-    type Error = BoxError;
+    type Error = Error;
     type Future = future::ResponseFuture<S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        self.inner.poll_ready(cx).map_err(Error::from_inner)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {

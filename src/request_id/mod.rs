@@ -91,7 +91,15 @@ pub fn mark_sensitive(headers: &mut HeaderMap) {
     // One pass over the few headers a request has, rather than a hashed
     // lookup per secret name (and `entry`, which may grow the map).
     for (name, value) in headers.iter_mut() {
-        if [&AUTHORIZATION, &X_API_KEY, &COOKIE, &SET_COOKIE, &PROXY_AUTHORIZATION].contains(&name) {
+        if [
+            &AUTHORIZATION,
+            &X_API_KEY,
+            &COOKIE,
+            &SET_COOKIE,
+            &PROXY_AUTHORIZATION,
+        ]
+        .contains(&name)
+        {
             value.set_sensitive(true);
         }
     }

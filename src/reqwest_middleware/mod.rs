@@ -257,6 +257,16 @@ where
 /// The stack's error as reqwest-middleware's: see the module docs.
 fn into_middleware_error(error: impl Into<BoxError>) -> ::reqwest_middleware::Error {
     let error = error.into();
+    // A layer that only wrapped the error of the service inside it (the
+    // crate's convention) is seen through, so that error keeps its type.
+    let error = match error
+        .downcast::<crate::Error>()
+        .map(|ours| ours.into_foreign())
+    {
+        Ok(Ok(foreign)) => foreign,
+        Ok(Err(ours)) => Box::new(ours),
+        Err(other) => other,
+    };
     let error = match error.downcast::<InnerMiddlewareError>() {
         Ok(inner) => return ::reqwest_middleware::Error::Middleware(inner.0),
         Err(error) => error,

@@ -465,8 +465,11 @@ impl<B: ReplayableBody> Call<B> {
             Decision::Stop(stop) => {
                 // An error of this crate from an inner layer (a full queue,
                 // say) already says what happened: pass it on as it is.
-                let error = match error.downcast::<Error>() {
-                    Ok(ours) => return Step::Finish(Err(*ours)),
+                // A layer inside that only wrapped a foreign error (the
+                // convention) is seen through: this error has the context.
+                let error = match error.downcast::<Error>().map(|ours| ours.into_foreign()) {
+                    Ok(Ok(foreign)) => foreign,
+                    Ok(Err(ours)) => return Step::Finish(Err(ours)),
                     Err(other) => other,
                 };
                 let kind = match stop {
