@@ -284,6 +284,7 @@ impl Error {
     /// ([`from_inner`](Self::from_inner), nothing added since); else itself.
     /// How a layer outside (the retry layer's own error, the
     /// reqwest-middleware adapter) sees through a layer inside.
+    #[cfg_attr(not(feature = "retry"), allow(dead_code))]
     pub(crate) fn into_foreign(mut self) -> Result<BoxError, Error> {
         match (self.inner.wrapper, self.inner.source.take()) {
             (true, Some(source)) => Ok(source),

@@ -262,6 +262,10 @@ pub(crate) fn of_request_carried<B: crate::body::ReplayableBody>(
 /// The model a request is for: its [`Model`] extension when the caller set
 /// one, else the `model` of its in-memory JSON body. Every layer asks this
 /// one question the same way.
+#[cfg_attr(
+    not(any(feature = "concurrency", feature = "fallback")),
+    allow(dead_code)
+)]
 pub(crate) fn of_request<B: crate::body::ReplayableBody>(
     request: &http::Request<B>,
 ) -> Option<Model> {

@@ -47,49 +47,14 @@
 //! ```
 
 use tower::ServiceBuilder;
-#[cfg(all(
-    feature = "retry",
-    feature = "concurrency",
-    feature = "fallback",
-    feature = "request-id"
-))]
-use tower_layer::Layer;
 use tower_layer::Stack;
 
-#[cfg(all(
-    feature = "retry",
-    feature = "concurrency",
-    feature = "fallback",
-    feature = "request-id"
-))]
-use crate::concurrency::ConcurrencyPerModel;
 #[cfg(feature = "concurrency")]
 use crate::concurrency::ConcurrencyPerModelLayer;
-#[cfg(all(
-    feature = "retry",
-    feature = "concurrency",
-    feature = "fallback",
-    feature = "request-id"
-))]
-use crate::fallback::ModelFallback;
 #[cfg(feature = "fallback")]
 use crate::fallback::{FallbackStep, ModelFallbackLayer};
 #[cfg(feature = "request-id")]
 use crate::request_id::RequestIdLogLayer;
-#[cfg(all(
-    feature = "retry",
-    feature = "concurrency",
-    feature = "fallback",
-    feature = "request-id"
-))]
-use crate::request_id::{OverloadStats, RequestIdLog};
-#[cfg(all(
-    feature = "retry",
-    feature = "concurrency",
-    feature = "fallback",
-    feature = "request-id"
-))]
-use crate::retry::OverloadRetry;
 #[cfg(feature = "retry")]
 use crate::retry::{OverloadRetryLayer, RetryPolicy};
 
@@ -99,136 +64,23 @@ use crate::retry::{OverloadRetryLayer, RetryPolicy};
     feature = "fallback",
     feature = "request-id"
 ))]
-/// The recommended stack: log, fallback, retry, per-model concurrency.
-///
-/// Defaults: logging on, no fallback chain (fallback is opt-in: switching
-/// models changes answers), [`RetryPolicy::foreground`], 16 calls in flight
-/// per model.
-#[derive(Debug, Clone)]
-pub struct OverloadStack {
-    log: RequestIdLogLayer,
-    fallback: ModelFallbackLayer,
-    retry: RetryPolicy,
-    concurrency: ConcurrencyPerModelLayer,
-}
-
+mod overload;
 #[cfg(all(
     feature = "retry",
     feature = "concurrency",
     feature = "fallback",
     feature = "request-id"
 ))]
-impl Default for OverloadStack {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-#[cfg(all(
-    feature = "retry",
-    feature = "concurrency",
-    feature = "fallback",
-    feature = "request-id"
-))]
-impl OverloadStack {
-    /// The defaults above.
-    ///
-    /// ```
-    /// # use tower_overload::stack::OverloadStack;
-    /// let stack = OverloadStack::new();
-    /// ```
-    pub fn new() -> Self {
-        Self {
-            log: RequestIdLogLayer::new(),
-            fallback: ModelFallbackLayer::new(Vec::<FallbackStep>::new()),
-            retry: RetryPolicy::foreground(),
-            concurrency: ConcurrencyPerModelLayer::new(16),
-        }
-    }
-
-    /// The retry policy.
-    ///
-    /// ```
-    /// # use tower_overload::{retry::RetryPolicy, stack::OverloadStack};
-    /// let stack = OverloadStack::new().retry(RetryPolicy::background());
-    /// ```
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = policy;
-        self
-    }
-
-    /// The per-model concurrency layer.
-    ///
-    /// ```
-    /// # use tower_overload::{concurrency::ConcurrencyPerModelLayer, stack::OverloadStack};
-    /// let stack = OverloadStack::new().concurrency(ConcurrencyPerModelLayer::new(8));
-    /// ```
-    pub fn concurrency(mut self, layer: ConcurrencyPerModelLayer) -> Self {
-        self.concurrency = layer;
-        self
-    }
-
-    /// Model fallback (off unless set).
-    ///
-    /// ```
-    /// # use tower_overload::{fallback::ModelFallbackLayer, stack::OverloadStack};
-    /// let stack = OverloadStack::new().fallback(ModelFallbackLayer::new(["claude-opus-4-6", "claude-sonnet-4-6"]));
-    /// ```
-    pub fn fallback(mut self, layer: ModelFallbackLayer) -> Self {
-        self.fallback = layer;
-        self
-    }
-
-    /// The log layer.
-    ///
-    /// ```
-    /// # use tower_overload::{request_id::RequestIdLogLayer, stack::OverloadStack};
-    /// let stack = OverloadStack::new().log(RequestIdLogLayer::new());
-    /// ```
-    pub fn log(mut self, layer: RequestIdLogLayer) -> Self {
-        self.log = layer;
-        self
-    }
-
-    /// Counts every attempt's outcome in `stats` (the 529 rate and its alert).
-    ///
-    /// ```
-    /// # use tower_overload::{request_id::OverloadStats, stack::OverloadStack};
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let stack = OverloadStack::new().stats(OverloadStats::new());
-    /// # }
-    /// ```
-    pub fn stats(mut self, stats: OverloadStats) -> Self {
-        self.log = self.log.stats(stats);
-        self
-    }
-}
-
-#[cfg(all(
-    feature = "retry",
-    feature = "concurrency",
-    feature = "fallback",
-    feature = "request-id"
-))]
-/// The service [`OverloadStack`] makes.
-pub type OverloadService<S> = RequestIdLog<ModelFallback<OverloadRetry<ConcurrencyPerModel<S>>>>;
-
-#[cfg(all(
-    feature = "retry",
-    feature = "concurrency",
-    feature = "fallback",
-    feature = "request-id"
-))]
-impl<S> Layer<S> for OverloadStack {
-    type Service = OverloadService<S>;
-
-    fn layer(&self, client: S) -> Self::Service {
-        let concurrent = self.concurrency.layer(client);
-        let retrying = OverloadRetryLayer::new(self.retry.clone()).layer(concurrent);
-        let falling_back = self.fallback.layer(retrying);
-        self.log.layer(falling_back)
-    }
-}
+#[cfg_attr(
+    docsrs,
+    doc(cfg(all(
+        feature = "retry",
+        feature = "concurrency",
+        feature = "fallback",
+        feature = "request-id"
+    )))
+)]
+pub use self::overload::{OverloadBody, OverloadService, OverloadStack};
 
 /// One method per layer on [`ServiceBuilder`], in tower-http's style; each
 /// method is there when its layer's feature is on.
