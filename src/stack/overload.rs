@@ -12,7 +12,9 @@ use crate::retry::{OverloadRetry, OverloadRetryLayer, RetryPolicy};
 ///
 /// Defaults: logging on, no fallback chain (fallback is opt-in: switching
 /// models changes answers), [`RetryPolicy::foreground`], 16 calls in flight
-/// per model.
+/// per model. Without a chain the fallback layer is a pass-through that
+/// reads nothing and allocates nothing, so leaving it in the type costs no
+/// more than leaving it out.
 #[derive(Debug, Clone)]
 pub struct OverloadStack {
     log: RequestIdLogLayer,
