@@ -334,6 +334,15 @@ impl KeyState {
 
     fn release(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.give_back();
+    }
+
+    /// Returns one taken permit, or keeps it out to pay a shrink's debt.
+    /// Every permit taken from the semaphore comes back this way, whether
+    /// its call went out or not (a [`HeldKey`] dropped while waiting for the
+    /// global permit): a permit returned past the debt would let a new call
+    /// in above the shrunk limit (issue 19, breaker finding 1).
+    fn give_back(&self) {
         let paid = self.debt.load(Ordering::Acquire) > 0
             && self
                 .debt
@@ -390,7 +399,7 @@ impl HeldKey {
 impl Drop for HeldKey {
     fn drop(&mut self) {
         if self.armed {
-            self.state.semaphore.add_permits(1);
+            self.state.give_back();
         }
     }
 }
