@@ -8,7 +8,6 @@
 mod support;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::error::Error as StdError;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -105,4 +104,287 @@ async fn a_dropped_held_key_pays_the_debt_of_a_shrink() {
     assert_eq!(mock.peak_in_flight("m"), 1);
     let m = snapshot_of(&layer, "m");
     assert_eq!((m.in_flight, m.queued), (0, 0));
+}
+
+/// Cancellation at every await point with a global cap and per-model caps:
+/// queued on the key, holding the key and queued on the global permit,
+/// mid-body. Afterwards every permit is back: each model can run its full
+/// limit at once again, and nothing is in flight or queued.
+#[tokio::test(start_paused = true)]
+async fn cancellation_at_every_await_point_leaks_no_permit() {
+    let mock = MockUpstream::start().await;
+    mock.set_default(Reply::slow_body(&["a", "b", "c"], Duration::from_secs(5)));
+    let layer = ConcurrencyPerModelLayer::new(2)
+        .limit_for("opus", 1)
+        .global_limit(Some(3))
+        .queue_timeout(None);
+    let service = limited(&layer);
+    let models = ["opus", "sonnet", "haiku"];
+    for round in 0..20u64 {
+        let mut futures = Vec::new();
+        for i in 0..12 {
+            let model = models[(i + round as usize) % 3];
+            futures.push(Box::pin(
+                service.clone().oneshot(messages_request(&mock, model)),
+            ));
+        }
+        for future in &mut futures {
+            let _ = futures::poll!(future.as_mut());
+        }
+        tokio::time::sleep(Duration::from_millis(50 + round * 37)).await;
+        let mut bodies = Vec::new();
+        for (i, mut future) in futures.into_iter().enumerate() {
+            // Drop some while waiting, keep others and drop them mid-body.
+            if (i as u64 + round) % 3 == 0 {
+                drop(future);
+                continue;
+            }
+            if let std::task::Poll::Ready(Ok(response)) = futures::poll!(future.as_mut()) {
+                let mut body = response.into_body();
+                if i % 2 == 0 {
+                    let _ = body.frame().await;
+                }
+                bodies.push(body);
+            } else {
+                drop(future);
+            }
+        }
+        for snapshot in layer.snapshot() {
+            assert!(snapshot.in_flight <= snapshot.limit, "{snapshot:?}");
+        }
+        drop(bodies);
+    }
+    for snapshot in layer.snapshot() {
+        assert_eq!((snapshot.in_flight, snapshot.queued), (0, 0), "{snapshot:?}");
+    }
+    // Every permit came back: the global cap of 3 can be filled at once.
+    let held: Vec<_> = futures::future::join_all(
+        ["opus", "sonnet", "sonnet"].map(|m| service.clone().oneshot(messages_request(&mock, m))),
+    )
+    .await;
+    assert!(held.iter().all(Result::is_ok));
+    assert!(mock.peak_in_flight("opus") <= 1);
+    assert!(mock.peak_in_flight("sonnet") <= 2);
+}
+
+/// AIMD under load: 529s shrink, successes grow; with every shrink and
+/// growth racing permits in use, the mock never sees more than the
+/// configured limit, and the key ends with nothing in flight.
+#[tokio::test(start_paused = true)]
+async fn adaptive_shrink_and_grow_under_load_stay_within_the_cap() {
+    let mock = MockUpstream::start().await;
+    mock.set_latency(Duration::from_millis(300));
+    mock.set_capacity(3);
+    let layer = ConcurrencyPerModelLayer::new(8)
+        .max_queued(10_000)
+        .queue_timeout(None)
+        .adaptive(Aimd::default());
+    let service = limited(&layer);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..600u64 {
+        let service = service.clone();
+        let request = messages_request(&mock, "m");
+        tasks.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(i * 7)).await;
+            let response = service.oneshot(request).await.unwrap();
+            response.into_body().collect().await.unwrap();
+        });
+    }
+    let mut max_seen = 0;
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+        let m = snapshot_of(&layer, "m");
+        max_seen = max_seen.max(m.in_flight);
+        assert!(m.limit <= 8, "{m:?}");
+    }
+    assert!(mock.peak_in_flight("m") <= 8);
+    assert!(max_seen <= 8);
+    let m = snapshot_of(&layer, "m");
+    assert_eq!((m.in_flight, m.queued), (0, 0), "{m:?}");
+    // The semaphore holds exactly `limit` permits: that many calls run at once.
+    let limit = m.limit;
+    let held = futures::future::join_all(
+        (0..limit).map(|_| service.clone().oneshot(messages_request(&mock, "m"))),
+    )
+    .await;
+    assert!(held.iter().all(Result::is_ok));
+    let mut one_more = Box::pin(service.clone().oneshot(messages_request(&mock, "m")));
+    assert!(
+        futures::poll!(one_more.as_mut()).is_pending(),
+        "more permits than the limit: {:?}",
+        snapshot_of(&layer, "m")
+    );
+}
+
+/// Two real OS threads flood one service with 100,000 distinct names and a
+/// few hot ones, `max_keys` 16, holding bodies for a while: no name is ever
+/// split in two states (at most one live permit per name at limit 1), the
+/// table stays bounded, and every permit comes back.
+#[test]
+fn two_threads_flood_the_key_table_with_distinct_names() {
+    use std::sync::{Arc, Mutex};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let inner = tower::service_fn(|_request: Request<Full<Bytes>>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    // 16 slots: more than the keys ever held at once (6 bodies and one call
+    // per thread), so no name is ever sent to the shared overflow bucket
+    // (a name in the bucket and in a slot of its own at once is the bound's
+    // documented trade-off, not a split); every miss still evicts.
+    let layer = ConcurrencyPerModelLayer::new(1)
+        .max_queued(0)
+        .max_keys(16);
+    let service = layer.layer(inner);
+    let live: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    runtime.block_on(async {
+        let mut threads = Vec::new();
+        for t in 0..2u64 {
+            let service = service.clone();
+            let live = Arc::clone(&live);
+            threads.push(tokio::spawn(async move {
+                let mut held: std::collections::VecDeque<(String, _)> = Default::default();
+                for i in 0..50_000u64 {
+                    let name = if i % 10 == 0 {
+                        format!("hot-{}", (i / 10 + t) % 3)
+                    } else {
+                        format!("flood-{t}-{i}")
+                    };
+                    let request = Request::new(Full::new(Bytes::from(format!(
+                        r#"{{"model":"{name}","max_tokens":1}}"#
+                    ))));
+                    match service.clone().oneshot(request).await {
+                        Ok(response) => {
+                            {
+                                let mut live = live.lock().unwrap();
+                                let count = live.entry(name.clone()).or_default();
+                                *count += 1;
+                                assert_eq!(
+                                    *count,
+                                    1,
+                                    "{name} split: two permits at limit 1; overflow: {:?}",
+                                    layer_snapshot_overflow(&service)
+                                );
+                            }
+                            held.push_back((name, response));
+                        }
+                        Err(error) => assert_eq!(error.kind(), ErrorKind::QueueFull, "{error}"),
+                    }
+                    if held.len() > 5 || i % 7 == 0 {
+                        if let Some((name, response)) = held.pop_front() {
+                            *live.lock().unwrap().get_mut(&name).unwrap() -= 1;
+                            drop(response);
+                        }
+                    }
+                }
+                while let Some((name, response)) = held.pop_front() {
+                    *live.lock().unwrap().get_mut(&name).unwrap() -= 1;
+                    drop(response);
+                }
+            }));
+        }
+        for thread in threads {
+            thread.await.unwrap();
+        }
+    });
+    let snapshot = layer.snapshot();
+    assert!(snapshot.len() <= 16, "{}", snapshot.len());
+    for s in &snapshot {
+        assert_eq!((s.in_flight, s.queued), (0, 0), "{s:?}");
+    }
+    // Every hot name can still take its one permit.
+    runtime.block_on(async {
+        for hot in 0..3 {
+            let request = Request::new(Full::new(Bytes::from(format!(
+                r#"{{"model":"hot-{hot}"}}"#
+            ))));
+            service.clone().oneshot(request).await.unwrap();
+        }
+    });
+}
+
+fn layer_snapshot_overflow<S, K>(
+    service: &tower_overload::concurrency::ConcurrencyPerModel<S, K>,
+) -> Option<KeySnapshot> {
+    service
+        .snapshot()
+        .into_iter()
+        .find(|s| s.key.as_str() == "<overflow>")
+}
+
+// ---------------------------------------------------------------------------
+// Model: the static and the shared forms are one name.
+// ---------------------------------------------------------------------------
+
+fn hash_of<T: std::hash::Hash>(value: &T) -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    thread_local!(static STATE: RandomState = RandomState::new());
+    STATE.with(|state| state.hash_one(value))
+}
+
+proptest! {
+    #[test]
+    fn static_and_shared_models_are_one_name(a in "\\PC{0,12}|claude-[a-z0-9-]{0,20}", b in "\\PC{0,12}") {
+        let leaked: &'static str = Box::leak(a.clone().into_boxed_str());
+        let (stat, shared) = (Model::from_static(leaked), Model::new(a.as_str()));
+        prop_assert_eq!(&stat, &shared);
+        prop_assert_eq!(hash_of(&stat), hash_of(&shared));
+        prop_assert_eq!(hash_of(&stat), hash_of(&a.as_str()), "Borrow<str> needs the str's hash");
+        prop_assert_eq!(stat.cmp(&Model::new(b.as_str())), a.as_str().cmp(b.as_str()));
+        prop_assert_eq!(format!("{stat}"), format!("{shared}"));
+        prop_assert_eq!(format!("{stat:?}"), format!("{shared:?}"));
+        let map: HashMap<Model, u8> = [(stat.clone(), 1)].into_iter().collect();
+        prop_assert_eq!(map.get(a.as_str()), Some(&1));
+        prop_assert_eq!(map.get(&shared), Some(&1));
+        let set: HashSet<Model> = [shared.clone()].into_iter().collect();
+        prop_assert!(set.contains(&stat));
+        prop_assert!(set.contains(a.as_str()));
+        let sorted: BTreeSet<Model> = [stat.clone(), Model::new(b.as_str())].into_iter().collect();
+        prop_assert!(sorted.contains(a.as_str()) && sorted.contains(b.as_str()));
+    }
+}
+
+#[test]
+fn model_display_and_debug_escape_as_before() {
+    for (name, shown) in [
+        ("a\nb", "a\\nb"),
+        ("x\u{1b}[31m", "x\\u{1b}[31m"),
+        ("bi\u{202e}di", "bi\\u{202e}di"),
+        ("back\\slash", "back\\\\slash"),
+    ] {
+        let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+        assert_eq!(Model::new(name).to_string(), shown);
+        assert_eq!(Model::from_static(leaked).to_string(), shown);
+        assert_eq!(
+            format!("{:?}", Model::from_static(leaked)),
+            format!("{:?}", Model::new(name))
+        );
+    }
+}
+
+/// A model id the crate interns (static form, read from the body) finds the
+/// limit configured with a shared form (`limit_for` takes a `String`).
+#[tokio::test(start_paused = true)]
+async fn an_interned_model_from_the_body_finds_its_configured_limit() {
+    let mock = MockUpstream::start().await;
+    mock.set_default(Reply::slow_body(&["a"], Duration::from_secs(5)));
+    let layer = ConcurrencyPerModelLayer::new(8)
+        .limit_for(String::from("claude-opus-4-6"), 1)
+        .max_queued(0);
+    let service = limited(&layer);
+    let _first = service
+        .clone()
+        .oneshot(messages_request(&mock, "claude-opus-4-6"))
+        .await
+        .unwrap();
+    let second = service
+        .clone()
+        .oneshot(messages_request(&mock, "claude-opus-4-6"))
+        .await
+        .unwrap_err();
+    assert_eq!(second.kind(), ErrorKind::QueueFull);
+    let names: Vec<_> = layer.snapshot().into_iter().map(|s| s.key).collect();
+    assert_eq!(names, [Model::from_static("claude-opus-4-6")]);
 }
