@@ -488,7 +488,11 @@ mod tests {
         assert_eq!(decode(br"\x"), None);
         assert_eq!(decode(br"\u12"), None);
         assert_eq!(decode(b"\xff"), None, "invalid UTF-8");
-        assert_eq!(decode(b"a\nb"), None, "a raw control character (breaker finding 3)");
+        assert_eq!(
+            decode(b"a\nb"),
+            None,
+            "a raw control character (breaker finding 3)"
+        );
         assert_eq!(decode(b"\\n\t"), None, "escaped, then raw");
     }
 

@@ -53,10 +53,7 @@ fn snapshot_of(layer: &ConcurrencyPerModelLayer, key: &str) -> KeySnapshot {
 #[tokio::test(start_paused = true)]
 async fn a_dropped_held_key_pays_the_debt_of_a_shrink() {
     let mock = MockUpstream::start().await;
-    mock.push_for_model(
-        "m",
-        [Reply::overloaded().delay(Duration::from_secs(10))],
-    );
+    mock.push_for_model("m", [Reply::overloaded().delay(Duration::from_secs(10))]);
     let layer = ConcurrencyPerModelLayer::new(2)
         .global_limit(Some(2))
         .queue_timeout(None)
@@ -136,7 +133,7 @@ async fn cancellation_at_every_await_point_leaks_no_permit() {
         let mut bodies = Vec::new();
         for (i, mut future) in futures.into_iter().enumerate() {
             // Drop some while waiting, keep others and drop them mid-body.
-            if (i as u64 + round) % 3 == 0 {
+            if (i as u64 + round).is_multiple_of(3) {
                 drop(future);
                 continue;
             }
@@ -156,7 +153,11 @@ async fn cancellation_at_every_await_point_leaks_no_permit() {
         drop(bodies);
     }
     for snapshot in layer.snapshot() {
-        assert_eq!((snapshot.in_flight, snapshot.queued), (0, 0), "{snapshot:?}");
+        assert_eq!(
+            (snapshot.in_flight, snapshot.queued),
+            (0, 0),
+            "{snapshot:?}"
+        );
     }
     // Every permit came back: the global cap of 3 can be filled at once.
     let held: Vec<_> = futures::future::join_all(
@@ -235,9 +236,7 @@ fn two_threads_flood_the_key_table_with_distinct_names() {
     // per thread), so no name is ever sent to the shared overflow bucket
     // (a name in the bucket and in a slot of its own at once is the bound's
     // documented trade-off, not a split); every miss still evicts.
-    let layer = ConcurrencyPerModelLayer::new(1)
-        .max_queued(0)
-        .max_keys(16);
+    let layer = ConcurrencyPerModelLayer::new(1).max_queued(0).max_keys(16);
     let service = layer.layer(inner);
     let live: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     runtime.block_on(async {
@@ -273,11 +272,11 @@ fn two_threads_flood_the_key_table_with_distinct_names() {
                         }
                         Err(error) => assert_eq!(error.kind(), ErrorKind::QueueFull, "{error}"),
                     }
-                    if held.len() > 5 || i % 7 == 0 {
-                        if let Some((name, response)) = held.pop_front() {
-                            *live.lock().unwrap().get_mut(&name).unwrap() -= 1;
-                            drop(response);
-                        }
+                    if (held.len() > 5 || i % 7 == 0)
+                        && let Some((name, response)) = held.pop_front()
+                    {
+                        *live.lock().unwrap().get_mut(&name).unwrap() -= 1;
+                        drop(response);
                     }
                 }
                 while let Some((name, response)) = held.pop_front() {
@@ -437,8 +436,15 @@ async fn a_connect_error_keeps_its_attempts_and_its_hyper_source() {
         .unwrap();
     let error = service.oneshot(request).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::RetriesExhausted, "{error}");
-    assert_eq!(error.class(), Some(tower_overload::classify::Class::Transport));
-    assert!(error.attempts() > 1, "retried: {error} ({})", error.attempts());
+    assert_eq!(
+        error.class(),
+        Some(tower_overload::classify::Class::Transport)
+    );
+    assert!(
+        error.attempts() > 1,
+        "retried: {error} ({})",
+        error.attempts()
+    );
     assert!(
         chain_has::<hyper_util::client::legacy::Error>(&error),
         "the hyper-util error in the source chain: {error:?}"
@@ -515,7 +521,10 @@ async fn the_foreground_quota_drains_in_storms_and_refills_between_them() {
     };
     // 1. A storm: about 100 retries (500 tokens at 5), then one attempt per call.
     let retries = storm(300).await;
-    assert!((95..=105).contains(&retries), "first storm retried {retries} times");
+    assert!(
+        (95..=105).contains(&retries),
+        "first storm retried {retries} times"
+    );
     // 2. Healthy: 500 first-try successes refill the 500 tokens.
     mock.set_default(Reply::ok());
     for _ in 0..500 {
@@ -523,7 +532,10 @@ async fn the_foreground_quota_drains_in_storms_and_refills_between_them() {
     }
     // 3. The next storm gets its retries back.
     let retries = storm(300).await;
-    assert!((95..=105).contains(&retries), "second storm retried {retries} times");
+    assert!(
+        (95..=105).contains(&retries),
+        "second storm retried {retries} times"
+    );
     // 4. Intermittent 529s (1 in 10, seeded) for a long while: the quota
     //    refills as fast as it drains, so almost no call ends on a 529.
     mock.set_default(Reply::ok());
@@ -539,8 +551,14 @@ async fn the_foreground_quota_drains_in_storms_and_refills_between_them() {
             failed += 1;
         }
     }
-    assert!(start.elapsed() > Duration::from_secs(3_000), "a long horizon");
-    assert!(failed <= 3, "{failed} calls ended on a 529: the quota ran dry");
+    assert!(
+        start.elapsed() > Duration::from_secs(3_000),
+        "a long horizon"
+    );
+    assert!(
+        failed <= 3,
+        "{failed} calls ended on a 529: the quota ran dry"
+    );
 }
 
 // ---------------------------------------------------------------------------
