@@ -86,10 +86,14 @@ impl<'a> RawString<'a> {
         decode(self.raw).is_some_and(|decoded| decoded == expected)
     }
 
-    /// The decoded string; borrowed unless escapes force a copy.
+    /// The decoded string; borrowed unless escapes force a copy. `None`
+    /// for a raw control character, which JSON forbids in a string (the
+    /// scan to its end looks for quotes and backslashes only).
     pub(crate) fn decode(&self) -> Option<Cow<'a, str>> {
         if self.escaped {
             decode(self.raw).map(Cow::Owned)
+        } else if self.raw.iter().any(|&c| c < 0x20) {
+            None
         } else {
             std::str::from_utf8(self.raw).ok().map(Cow::Borrowed)
         }
@@ -331,6 +335,10 @@ pub(crate) fn decode(raw: &[u8]) -> Option<String> {
     let mut cursor = 0;
     while cursor < raw.len() {
         let c = raw[cursor];
+        if c < 0x20 {
+            // JSON allows control characters in a string only escaped.
+            return None;
+        }
         if c != b'\\' {
             out.push(c);
             cursor += 1;
@@ -480,6 +488,12 @@ mod tests {
         assert_eq!(decode(br"\x"), None);
         assert_eq!(decode(br"\u12"), None);
         assert_eq!(decode(b"\xff"), None, "invalid UTF-8");
+        assert_eq!(
+            decode(b"a\nb"),
+            None,
+            "a raw control character (breaker finding 3)"
+        );
+        assert_eq!(decode(b"\\n\t"), None, "escaped, then raw");
     }
 
     #[test]

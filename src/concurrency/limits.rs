@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,6 +16,10 @@ use crate::sync::lock;
 /// names come from clients, but the table is bounded, so no worse than a
 /// few dozen comparisons even for colliding names).
 type KeyMap = HashMap<Model, Arc<KeyState>, foldhash::fast::RandomState>;
+
+/// What lookups read: the table's keys with weak references to their states,
+/// so a copy a reader still holds never makes a key look busy to eviction.
+type PublishedMap = HashMap<Model, Weak<KeyState>, foldhash::fast::RandomState>;
 
 /// Settings fixed when the layer is built.
 #[derive(Debug, Clone)]
@@ -53,7 +57,7 @@ pub(crate) struct Limits {
     /// What lookups read: a copy of `table.map`, published again after each
     /// change, read with no lock and no write to a shared cache line, so
     /// calls on several cores do not serialise on the table.
-    published: ArcSwap<KeyMap>,
+    published: ArcSwap<PublishedMap>,
     /// The table itself, changed only on a miss, under this lock.
     table: Mutex<Table>,
     overflow: Arc<KeyState>,
@@ -75,17 +79,19 @@ impl Table {
     /// Drops the least recently used unknown key that nobody holds.
     ///
     /// Every permit, waiter and queue slot holds an `Arc` of its key, so a
-    /// strong count of 2 (this table and the published copy) means idle; an
-    /// older published copy still being read counts too, which only makes a
-    /// key look busy. A lookup clones the `Arc` from a published copy with
-    /// no lock, so eviction and lookup meet like Dekker's two flags: the
+    /// strong count of 1 (this table) means idle. Published copies hold weak
+    /// references: a copy a reader on another core still holds must not make
+    /// every key look busy, or new names would share the overflow bucket
+    /// with slots idle (issue 19, breaker finding 2). A lookup upgrades the
+    /// reference from a published copy with no lock (the strong count goes
+    /// up as for a clone), so eviction and lookup meet like Dekker's two flags: the
     /// evictor marks the key, fences, and checks the count again; a lookup
     /// counts itself, fences, and checks the mark. At least one of them sees
     /// the other: the evictor keeps the key, or the lookup drops its clone
     /// and asks the table (`Limits::insert`). An entry a permit points at is
     /// never evicted, and no call is counted on an evicted state.
     fn evict_idle(&mut self) -> bool {
-        const IDLE: usize = 2;
+        const IDLE: usize = 1;
         let mut candidates: Vec<(u64, Model)> = self
             .map
             .iter()
@@ -124,7 +130,7 @@ impl Limits {
             .map(|n| Arc::new(Semaphore::new(n.clamp(1, Semaphore::MAX_PERMITS))));
         Self {
             config,
-            published: ArcSwap::from_pointee(KeyMap::default()),
+            published: ArcSwap::from_pointee(PublishedMap::default()),
             table: Mutex::new(Table::default()),
             overflow,
             epoch: AtomicU64::new(0),
@@ -135,11 +141,16 @@ impl Limits {
     /// The state of `key`, created on first use (see [`Limits`] for the bound).
     pub(crate) fn key(&self, key: Option<Model>) -> Arc<KeyState> {
         let key = key.unwrap_or_else(|| self.config.default_key.clone());
-        if let Some(state) = self.published.load().get(&key) {
+        let found = {
+            let published = self.published.load();
+            let found = published.get(&key);
             // Widens the race window with an eviction, for the test below.
             #[cfg(test)]
             std::thread::yield_now();
-            let state = Arc::clone(state);
+            // `None` once evicted and let go by its last holder.
+            found.and_then(Weak::upgrade)
+        };
+        if let Some(state) = found {
             // The lookup's half of the handshake in `Table::evict_idle`.
             fence(Ordering::SeqCst);
             if !state.evicted.load(Ordering::Relaxed) {
@@ -188,7 +199,13 @@ impl Limits {
         table.map.insert(key, Arc::clone(&state));
         // Copied whole: the table is bounded (`max_keys` plus the configured
         // keys), and a miss is rare next to the hits it makes lock-free.
-        self.published.store(Arc::new(table.map.clone()));
+        self.published.store(Arc::new(
+            table
+                .map
+                .iter()
+                .map(|(key, state)| (key.clone(), Arc::downgrade(state)))
+                .collect(),
+        ));
         state
     }
 
@@ -334,6 +351,15 @@ impl KeyState {
 
     fn release(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.give_back();
+    }
+
+    /// Returns one taken permit, or keeps it out to pay a shrink's debt.
+    /// Every permit taken from the semaphore comes back this way, whether
+    /// its call went out or not (a [`HeldKey`] dropped while waiting for the
+    /// global permit): a permit returned past the debt would let a new call
+    /// in above the shrunk limit (issue 19, breaker finding 1).
+    fn give_back(&self) {
         let paid = self.debt.load(Ordering::Acquire) > 0
             && self
                 .debt
@@ -390,7 +416,7 @@ impl HeldKey {
 impl Drop for HeldKey {
     fn drop(&mut self) {
         if self.armed {
-            self.state.semaphore.add_permits(1);
+            self.state.give_back();
         }
     }
 }
@@ -573,6 +599,25 @@ mod tests {
         for thread in threads {
             thread.join().unwrap();
         }
+    }
+
+    // Issue 19, breaker finding 2: a lookup on another core holds a
+    // published copy for a moment (an arc-swap guard). Every key in that
+    // copy looked busy to the evictor, so a new name went to the shared
+    // overflow bucket with every slot idle: one name could then hold a
+    // permit there and one in its own slot, twice its limit.
+    #[test]
+    fn a_copy_held_by_a_reader_does_not_make_idle_keys_look_busy() {
+        let limits = limits(2, &[]);
+        key(&limits, "a");
+        key(&limits, "b");
+        let reader = limits.published.load_full();
+        let c = key(&limits, "c");
+        assert_eq!(c.key.as_str(), "c", "a slot was idle");
+        let reader_too = limits.published.load_full();
+        assert_eq!(key(&limits, "d").key.as_str(), "d");
+        drop((reader, reader_too));
+        assert_eq!(names(&limits).len(), 2);
     }
 
     // Defect 4: a flood of distinct names keeps the table at its bound.
