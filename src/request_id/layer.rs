@@ -1,4 +1,3 @@
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 use http::HeaderName;
@@ -131,9 +130,6 @@ impl<S, M: Clone, O: Clone> Layer<S> for RequestIdLogLayer<M, O> {
                 on_outcome: self.on_outcome.clone(),
                 stats: self.stats.clone(),
                 correlation_header: self.correlation_header.clone(),
-                seed: std::collections::hash_map::RandomState::new()
-                    .build_hasher()
-                    .finish(),
             }),
         }
     }

@@ -111,36 +111,62 @@ pub(crate) struct Shared<M, O> {
     on_outcome: O,
     stats: Option<OverloadStats>,
     correlation_header: HeaderName,
-    seed: u64,
+}
+
+/// Correlation ids made per thread, a block at a time: a counter from a
+/// random start (no cache line shared by the cores on every call; two
+/// threads' runs of ids practically never meet), written into one shared
+/// buffer that each id is a slice of. So an id costs no allocation of its
+/// own (one per block), and the retry layer's copy of the headers shares it.
+struct CorrelationIds {
+    next: u64,
+    block: bytes::Bytes,
+    used: usize,
+}
+
+const ID_LEN: usize = 20;
+const IDS_PER_BLOCK: usize = 256;
+
+impl CorrelationIds {
+    fn next(&mut self) -> HeaderValue {
+        if self.used == IDS_PER_BLOCK {
+            let mut block = bytes::BytesMut::with_capacity(ID_LEN * IDS_PER_BLOCK);
+            for _ in 0..IDS_PER_BLOCK {
+                block.extend_from_slice(&correlation_text(self.next));
+                self.next = self.next.wrapping_add(1);
+            }
+            self.block = block.freeze();
+            self.used = 0;
+        }
+        let id = self
+            .block
+            .slice(self.used * ID_LEN..(self.used + 1) * ID_LEN);
+        self.used += 1;
+        HeaderValue::from_maybe_shared(id).unwrap_or(HeaderValue::from_static("cli_unknown"))
+    }
+}
+
+/// `cli_` and 16 hex digits of a bijection of `n`: distinct counts give
+/// distinct ids, scrambled so that ids do not look sequential.
+fn correlation_text(n: u64) -> [u8; ID_LEN] {
+    let id = n.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ 0x5851_F42D_4C95_7F2D;
+    let mut text = *b"cli_0000000000000000";
+    for (i, byte) in text[4..].iter_mut().enumerate() {
+        *byte = b"0123456789abcdef"[((id >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    text
 }
 
 thread_local! {
-    // A counter per thread from a random start: no cache line shared by the
-    // cores on every call, and two threads' runs of ids practically never meet.
-    static NEXT_ID: std::cell::Cell<u64> = std::cell::Cell::new(
-        std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8),
-    );
+    static CORRELATION_IDS: std::cell::RefCell<CorrelationIds> = std::cell::RefCell::new(CorrelationIds {
+        next: std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8),
+        block: bytes::Bytes::new(),
+        used: IDS_PER_BLOCK,
+    });
 }
 
-impl<M, O> Shared<M, O> {
-    fn next_correlation_id(&self) -> HeaderValue {
-        let n = NEXT_ID.with(|next| {
-            let n = next.get();
-            next.set(n.wrapping_add(1));
-            n
-        });
-        // A bijection of the counter, so distinct counts give distinct ids,
-        // scrambled so that ids do not look sequential.
-        let id = (n ^ self.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self.seed.rotate_left(17);
-        let mut text = *b"cli_0000000000000000";
-        for (i, byte) in text[4..].iter_mut().enumerate() {
-            *byte = b"0123456789abcdef"[((id >> (60 - 4 * i)) & 0xf) as usize];
-        }
-        // Owned by a shared allocation, so the retry layer's copy of the
-        // headers shares it instead of promoting (and allocating) again.
-        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text))
-            .unwrap_or(HeaderValue::from_static("cli_unknown"))
-    }
+fn next_correlation_id() -> HeaderValue {
+    CORRELATION_IDS.with(|ids| ids.borrow_mut().next())
 }
 
 impl<M: fmt::Debug, O: fmt::Debug> fmt::Debug for Shared<M, O> {
@@ -229,7 +255,7 @@ where
         let correlation_id = match request.headers().get(&self.shared.correlation_header) {
             Some(value) if RequestId::new(value.clone()).is_some() => value.clone(),
             _ => {
-                let id = self.shared.next_correlation_id();
+                let id = next_correlation_id();
                 request
                     .headers_mut()
                     .insert(self.shared.correlation_header.clone(), id.clone());
@@ -251,5 +277,41 @@ where
             correlation_id,
             model,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn correlation_ids_are_distinct_across_blocks_and_threads() {
+        let run = || {
+            (0..IDS_PER_BLOCK * 3 + 7)
+                .map(|_| next_correlation_id())
+                .collect::<Vec<_>>()
+        };
+        let mut ids = run();
+        ids.extend(std::thread::spawn(run).join().unwrap());
+        for id in &ids {
+            let text = id.to_str().unwrap();
+            assert_eq!(text.len(), ID_LEN);
+            assert!(text.starts_with("cli_"));
+            assert!(
+                RequestId::new(id.clone()).is_some(),
+                "a plausible id: {text}"
+            );
+        }
+        let distinct: std::collections::HashSet<_> = ids.iter().map(|id| id.as_bytes()).collect();
+        assert_eq!(distinct.len(), ids.len());
+    }
+
+    #[test]
+    fn correlation_texts_of_distinct_counts_differ() {
+        let texts: std::collections::HashSet<_> = (0..100_000u64)
+            .chain(u64::MAX - 1000..=u64::MAX)
+            .map(correlation_text)
+            .collect();
+        assert_eq!(texts.len(), 100_000 + 1001);
     }
 }
