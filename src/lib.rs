@@ -133,12 +133,14 @@
 pub mod backoff;
 pub mod body;
 pub mod breaker_signal;
+pub mod bucket;
 pub mod budget;
 pub mod classify;
 #[cfg(feature = "concurrency")]
 #[cfg_attr(docsrs, doc(cfg(feature = "concurrency")))]
 pub mod concurrency;
 mod error;
+pub mod estimate;
 #[cfg(feature = "fallback")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
 pub mod fallback;
@@ -158,6 +160,7 @@ pub mod reqwest_middleware;
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;
 pub mod sse;
+pub mod usage;
 // Built with any layer: `ServiceBuilderExt` has one method per layer, each
 // behind that layer's feature; `OverloadStack` needs all four.
 #[cfg(any(
