@@ -80,6 +80,19 @@ impl Usage {
         }
     }
 
+    /// The counts of the `usage` object at `at` or after JSON whitespace:
+    /// how a reader that found `"usage":` in the tail of a body too long to
+    /// keep whole reads what follows.
+    #[cfg_attr(not(feature = "pacing"), allow(dead_code))]
+    pub(crate) fn object_at(bytes: &[u8], at: usize) -> Option<Self> {
+        let skip = bytes
+            .get(at..)?
+            .iter()
+            .take_while(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+            .count();
+        Self::from_object(bytes, at + skip)
+    }
+
     /// The counts of the `usage` object starting at `at`.
     fn from_object(bytes: &[u8], at: usize) -> Option<Self> {
         if bytes.get(at) != Some(&b'{') {
@@ -207,6 +220,19 @@ mod tests {
             (Some(3), Some(4))
         );
         assert_eq!(usage.cache_read_input_tokens, None);
+    }
+
+    #[test]
+    fn an_object_after_whitespace_is_read() {
+        let tail = b"ng\"}],\"usage\": \n {\"input_tokens\":9,\"output_tokens\":2}}";
+        let at = tail.windows(8).position(|w| w == b"\"usage\":").unwrap() + 8;
+        let usage = Usage::object_at(tail, at).unwrap();
+        assert_eq!(
+            (usage.input_tokens, usage.output_tokens),
+            (Some(9), Some(2))
+        );
+        assert_eq!(Usage::object_at(tail, tail.len()), None);
+        assert_eq!(Usage::object_at(b"  12", 0), None);
     }
 
     #[test]

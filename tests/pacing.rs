@@ -1,0 +1,1 @@
+//! RateLimitPacingLayer over the loopback mock.
