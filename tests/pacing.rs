@@ -306,3 +306,39 @@ async fn cache_reads_are_not_charged_to_input_tokens() {
         "calibration sees all input"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn queued_calls_go_in_order_as_the_bucket_refills() {
+    let mock = MockUpstream::start().await;
+    let service = RateLimitPacingLayer::new()
+        .limits_for(MODEL, limits(Some(60), None, None))
+        .layer(client());
+    // The bucket's 60 requests go at once; the next 4 wait a second each.
+    let mut calls = Vec::new();
+    for i in 0..64 {
+        calls.push(tokio::spawn(
+            service.clone().oneshot(request(&mock, i, 100).0),
+        ));
+        tokio::task::yield_now().await;
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let requests = mock.requests();
+    let first = requests[0].at;
+    let late: Vec<Duration> = requests[60..].iter().map(|r| r.at - first).collect();
+    for (i, at) in late.iter().enumerate() {
+        let expected = Duration::from_secs(i as u64 + 1);
+        assert!(
+            *at >= expected && *at < expected + Duration::from_millis(200),
+            "{late:?}"
+        );
+    }
+    // First come, first served: the waiting calls go in the order they
+    // came (their bodies grow with their rank), after every earlier one.
+    let sizes: Vec<usize> = requests.iter().map(|r| r.body.len()).collect();
+    let earliest = sizes[..60].iter().max().unwrap();
+    assert!(sizes[60..].windows(2).all(|w| w[0] < w[1]), "{sizes:?}");
+    assert!(sizes[60] > *earliest, "{sizes:?}");
+    assert_eq!(key(&service).waits, 4);
+}
