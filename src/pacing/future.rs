@@ -396,11 +396,15 @@ fn settle_on<R>(response: Response<R>, call: Call) -> Response<PacedBody<R>> {
         Class::RateLimited => headers::server_delay(headers, SystemTime::now()),
         _ => None,
     };
-    call.key.observe(headers, delay);
     if !status.is_success() {
+        // Given back before the headers are read, so that their
+        // `remaining` (and a 429's pause) caps what was given back.
+        let key = Arc::clone(&call.key);
         drop(call);
+        key.observe(headers, delay);
         return response.map(|body| PacedBody::new(body, None));
     }
+    call.key.observe(headers, delay);
     let event_stream = headers
         .get(CONTENT_TYPE)
         .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"));
