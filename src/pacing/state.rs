@@ -62,7 +62,7 @@ pub(crate) struct Amounts(pub(crate) [u64; 3]);
 
 /// What a call really took: for each bucket, the amount, or `None` when the
 /// key had no such bucket then (nothing to give back or correct).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Taken(pub(crate) [Option<u64>; 3]);
 
 /// Why a call cannot take its amounts now.
@@ -417,4 +417,67 @@ pub(crate) struct Settle {
     /// The estimator's estimate (even when an exact counter was used): what
     /// the estimate error is measured on.
     pub(crate) estimated: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pacer(max_keys: usize) -> Pacer {
+        let mut config = Config {
+            limits: HashMap::new(),
+            shares: HashMap::new(),
+            max_queued: 8,
+            queue_timeout: None,
+            count_tokens: None,
+            max_keys,
+        };
+        let limits = PacingLimits {
+            requests_per_minute: Some(5),
+            ..PacingLimits::default()
+        };
+        config.limits.insert(Model::new("configured"), limits);
+        config.limits.insert(Model::new("group"), limits);
+        for model in ["a-1", "a-2"] {
+            config.shares.insert(Model::new(model), Model::new("group"));
+        }
+        Pacer::new(config)
+    }
+
+    #[tokio::test]
+    async fn keys_are_bounded_and_groups_share_one_state() {
+        let pacer = pacer(2);
+        let key = |name: &str| pacer.key(Some(Model::new(name)));
+        assert!(Arc::ptr_eq(&key("a-1"), &key("a-2")));
+        assert_eq!(key("a-1").key.as_str(), "group");
+        assert_eq!(key("learned-1").key.as_str(), "learned-1");
+        assert_eq!(key("learned-2").key.as_str(), "learned-2");
+        // Past `max_keys`, and without a model: the shared key.
+        assert_eq!(key("learned-3").key.as_str(), OTHER_KEY);
+        assert_eq!(pacer.key(None).key.as_str(), OTHER_KEY);
+        // Configured keys never count against the bound.
+        assert_eq!(key("configured").key.as_str(), "configured");
+        assert!(lock(&key("group").inner).buckets[0].is_some());
+        assert!(lock(&key("learned-1").inner).buckets[0].is_none());
+    }
+
+    #[tokio::test]
+    async fn taking_is_all_or_nothing_and_names_the_longest_wait() {
+        let pacer = pacer(2);
+        let state = pacer.key(Some(Model::new("configured")));
+        let now = Instant::now();
+        let mut buckets = lock(&state.inner);
+        buckets.buckets[1] = Some(TokenBucket::per_minute(600, now));
+        assert!(buckets.try_take(Amounts([5, 100, 0]), now).is_ok());
+        // Requests are out (12 s for one); input tokens have room: nothing is taken.
+        assert_eq!(
+            buckets.try_take(Amounts([1, 100, 0]), now),
+            Err(Short::Wait("requests", Duration::from_secs(12)))
+        );
+        assert_eq!(buckets.buckets[1].as_mut().unwrap().available(now), 500.0);
+        assert_eq!(
+            buckets.shortfall(Amounts([1, 700, 0]), now),
+            Some(Short::TooLarge("input-tokens"))
+        );
+    }
 }
