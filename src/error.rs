@@ -65,6 +65,18 @@ pub enum ErrorKind {
     /// the caller this is retried like a 504; a body that goes silent after
     /// it was handed on ends with this error instead of hanging.
     Timeout,
+    /// The rate-limit pacing queue of the call's model was full; nothing was
+    /// sent upstream. [`Error::bucket`] names the bucket the queue waits on
+    /// and [`Error::wait`] how long it expected to wait.
+    PacingQueueFull,
+    /// The wait for rate-limit budget timed out; nothing was sent upstream.
+    /// [`Error::bucket`] and [`Error::wait`] say which bucket was short and
+    /// how much longer it expected to wait.
+    PacingTimeout,
+    /// The call alone is larger than a whole rate-limit bucket (say, a prompt
+    /// of more input tokens than the per-minute limit): it can never be
+    /// sent. [`Error::bucket`] names the bucket.
+    PacingTooLarge,
 }
 
 /// The crate's error: a kind plus the context of the call.
@@ -99,6 +111,8 @@ struct Inner {
     attempts: u32,
     elapsed: Duration,
     server_delay: Option<Duration>,
+    bucket: Option<&'static str>,
+    wait: Option<Duration>,
     source: Option<BoxError>,
     /// Made by [`Error::from_inner`] around a foreign error, with no
     /// context of its own: a layer outside may unwrap it again.
@@ -126,6 +140,8 @@ impl Error {
                 attempts: 0,
                 elapsed: Duration::ZERO,
                 server_delay: None,
+                bucket: None,
+                wait: None,
                 source: None,
                 wrapper: false,
             }),
@@ -239,6 +255,58 @@ impl Error {
     pub fn with_server_delay(mut self, delay: Duration) -> Self {
         self.inner.server_delay = Some(delay);
         self
+    }
+
+    /// Sets the rate-limit bucket (`"requests"`, `"input-tokens"` or
+    /// `"output-tokens"`) a paced call was refused or timed out on, and the
+    /// wait it still expected for that bucket.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::{Error, ErrorKind};
+    /// let error = Error::new(ErrorKind::PacingTimeout).with_wait("input-tokens", Duration::from_secs(12));
+    /// assert_eq!(error.bucket(), Some("input-tokens"));
+    /// assert_eq!(error.wait(), Some(Duration::from_secs(12)));
+    /// assert!(error.to_string().contains("the input-tokens bucket expected 12 s more"));
+    /// ```
+    pub fn with_wait(mut self, bucket: &'static str, wait: Duration) -> Self {
+        self.inner.bucket = Some(bucket);
+        self.inner.wait = Some(wait);
+        self
+    }
+
+    /// Sets the rate-limit bucket a paced call was refused on, with no wait
+    /// (a call larger than the whole bucket never fits).
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// let error = Error::new(ErrorKind::PacingTooLarge).with_bucket("output-tokens");
+    /// assert_eq!((error.bucket(), error.wait()), (Some("output-tokens"), None));
+    /// ```
+    pub fn with_bucket(mut self, bucket: &'static str) -> Self {
+        self.inner.bucket = Some(bucket);
+        self
+    }
+
+    /// The rate-limit bucket a paced call was refused or timed out on.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert_eq!(Error::new(ErrorKind::QueueFull).bucket(), None);
+    /// ```
+    pub fn bucket(&self) -> Option<&'static str> {
+        self.inner.bucket
+    }
+
+    /// How much longer a paced call expected to wait for its bucket when it
+    /// was refused or timed out: when to try again.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert_eq!(Error::new(ErrorKind::QueueFull).wait(), None);
+    /// ```
+    pub fn wait(&self) -> Option<Duration> {
+        self.inner.wait
     }
 
     /// Sets the underlying error.
@@ -384,7 +452,7 @@ impl Error {
     /// ```
     pub fn is_transient(&self) -> bool {
         match self.inner.kind {
-            ErrorKind::NotRetryable => false,
+            ErrorKind::NotRetryable | ErrorKind::PacingTooLarge => false,
             ErrorKind::BodyNotReplayable => {
                 self.inner.class.is_some_and(Class::is_retryable_by_default)
             }
@@ -396,6 +464,9 @@ impl Error {
         match (self.inner.kind, self.inner.class) {
             (ErrorKind::QueueFull, _) => "per-model queue full",
             (ErrorKind::QueueTimeout, _) => "timed out waiting for a per-model slot",
+            (ErrorKind::PacingQueueFull, _) => "rate-limit pacing queue full",
+            (ErrorKind::PacingTimeout, _) => "timed out waiting for rate-limit budget",
+            (ErrorKind::PacingTooLarge, _) => "call larger than a whole rate-limit bucket",
             (ErrorKind::DeadlineExceeded, _) => "deadline exceeded",
             (ErrorKind::BudgetExhausted, _) => "retry budget exhausted",
             (ErrorKind::BodyNotReplayable, None) => "request body cannot be replayed",
@@ -411,6 +482,12 @@ impl Error {
         Some(match (self.inner.kind, self.inner.class) {
             (ErrorKind::QueueFull | ErrorKind::QueueTimeout, _) => {
                 "nothing was sent; shed the call or queue it durably"
+            }
+            (ErrorKind::PacingQueueFull | ErrorKind::PacingTimeout, _) => {
+                "nothing was sent; shed the call, retry it after the wait or raise the rate limit"
+            }
+            (ErrorKind::PacingTooLarge, _) => {
+                "nothing was sent; shorten the prompt, lower max_tokens or raise the rate limit: it can never fit"
             }
             (ErrorKind::ServerDelayTooLong, _) => "reschedule the call after the server's delay",
             (ErrorKind::BudgetExhausted, _) => {
@@ -504,6 +581,15 @@ impl fmt::Display for Error {
         if let Some(delay) = inner.server_delay {
             write!(f, "; server asked to wait {}", HumanDuration(delay))?;
         }
+        match (inner.bucket, inner.wait) {
+            (Some(bucket), Some(wait)) => write!(
+                f,
+                "; the {bucket} bucket expected {} more",
+                HumanDuration(wait)
+            )?,
+            (Some(bucket), None) => write!(f, "; exceeds the whole {bucket} bucket")?,
+            _ => {}
+        }
         if let Some(id) = &inner.request_id {
             write!(f, "; request-id {id}")?;
         }
@@ -556,6 +642,12 @@ impl fmt::Debug for Error {
             .field("elapsed", &inner.elapsed);
         if let Some(delay) = inner.server_delay {
             debug.field("server_delay", &delay);
+        }
+        if let Some(bucket) = inner.bucket {
+            debug.field("bucket", &bucket);
+        }
+        if let Some(wait) = inner.wait {
+            debug.field("wait", &wait);
         }
         if let Some(source) = &inner.source {
             debug.field("source", source);
@@ -620,6 +712,28 @@ mod tests {
         assert_eq!(transport.to_string(), "transport error: connection refused");
         assert!(transport.is_transient());
         assert!(StdError::source(&transport).is_some());
+    }
+
+    #[test]
+    fn pacing_errors_name_the_bucket_and_the_wait() {
+        let timeout = Error::new(ErrorKind::PacingTimeout)
+            .with_model(Model::new("claude-sonnet-4-6"))
+            .with_elapsed(Duration::from_secs(60))
+            .with_wait("output-tokens", Duration::from_millis(1500));
+        assert_eq!(
+            timeout.to_string(),
+            "timed out waiting for rate-limit budget for claude-sonnet-4-6 after 60 s; \
+             the output-tokens bucket expected 1.5 s more; nothing was sent; shed the call, \
+             retry it after the wait or raise the rate limit"
+        );
+        assert!(timeout.is_transient());
+        let too_large = Error::new(ErrorKind::PacingTooLarge).with_bucket("input-tokens");
+        assert_eq!(
+            too_large.to_string(),
+            "call larger than a whole rate-limit bucket; exceeds the whole input-tokens bucket; \
+             nothing was sent; shorten the prompt, lower max_tokens or raise the rate limit: it can never fit"
+        );
+        assert!(!too_large.is_transient());
     }
 
     #[test]

@@ -321,6 +321,19 @@ impl<'a> Iterator for Members<'a> {
     }
 }
 
+/// Where the value of the last top-level member named `key` starts: the one
+/// a parser keeping the last duplicate (serde_json, the API) reads. `None`
+/// when there is none or `bytes` is not one well-formed object.
+pub(crate) fn last_member(bytes: &[u8], key: &str) -> Option<usize> {
+    let mut members = Members::new(bytes);
+    let last = members
+        .by_ref()
+        .filter(|(name, _, _)| name.eq_str(key))
+        .last()
+        .map(|(_, start, _)| start);
+    if members.complete() { last } else { None }
+}
+
 /// The string starting at `at`, if the value there is a string, and the index past it.
 pub(crate) fn string_at(bytes: &[u8], at: usize) -> Option<(RawString<'_>, usize)> {
     if bytes.get(at) != Some(&b'"') {

@@ -27,6 +27,8 @@
 //!    - [`fallback`]: `ModelFallbackLayer`, opt-in model chains with cooldowns;
 //!    - [`request_id`]: `RequestIdLogLayer`, tracing with request ids and
 //!      the 529-rate health signal;
+//!    - `pacing` (opt-in feature): `RateLimitPacingLayer`, pacing under the
+//!      organisation's RPM, input-TPM and output-TPM limits;
 //!    - [`stack`]: all four in the recommended order (log, fallback, retry,
 //!      concurrency, client) and a `ServiceBuilderExt`.
 //!
@@ -113,6 +115,7 @@
 //! | `concurrency` | yes | [`ConcurrencyPerModelLayer`] |
 //! | `fallback` | yes | [`ModelFallbackLayer`] |
 //! | `request-id` | yes | [`RequestIdLogLayer`], `OverloadStats` |
+//! | `pacing` | no | `RateLimitPacingLayer`: waits for rate-limit budget instead of collecting 429s |
 //! | `hyper-util` | no | precise classification of hyper-util's client errors |
 //! | `reqwest` | no | a `tower::Service` over `reqwest::Client`, and a classifier of reqwest's errors |
 //! | `reqwest-middleware` | no | the crate's layers as a `reqwest_middleware::Middleware` |
@@ -133,18 +136,23 @@
 pub mod backoff;
 pub mod body;
 pub mod breaker_signal;
+pub mod bucket;
 pub mod budget;
 pub mod classify;
 #[cfg(feature = "concurrency")]
 #[cfg_attr(docsrs, doc(cfg(feature = "concurrency")))]
 pub mod concurrency;
 mod error;
+pub mod estimate;
 #[cfg(feature = "fallback")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
 pub mod fallback;
 pub mod headers;
 mod json;
 pub mod model;
+#[cfg(feature = "pacing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "pacing")))]
+pub mod pacing;
 #[cfg(feature = "request-id")]
 #[cfg_attr(docsrs, doc(cfg(feature = "request-id")))]
 pub mod request_id;
@@ -158,6 +166,7 @@ pub mod reqwest_middleware;
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;
 pub mod sse;
+pub mod usage;
 // Built with any layer: `ServiceBuilderExt` has one method per layer, each
 // behind that layer's feature; `OverloadStack` needs all four.
 #[cfg(any(
@@ -191,6 +200,9 @@ pub use concurrency::ConcurrencyPerModelLayer;
 #[cfg(feature = "fallback")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
 pub use fallback::ModelFallbackLayer;
+#[cfg(feature = "pacing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "pacing")))]
+pub use pacing::RateLimitPacingLayer;
 #[cfg(feature = "request-id")]
 #[cfg_attr(docsrs, doc(cfg(feature = "request-id")))]
 pub use request_id::RequestIdLogLayer;

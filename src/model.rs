@@ -48,19 +48,9 @@ use crate::json;
 /// assert_eq!(extract(b"not json"), None);
 /// ```
 pub fn extract(body: &[u8]) -> Option<Cow<'_, str>> {
-    json::string_at(body, last_model(body)?)?.0.decode()
-}
-
-/// The start of the last top-level `model` value; `None` when there is none
-/// or the body is not one well-formed object.
-fn last_model(body: &[u8]) -> Option<usize> {
-    let mut members = json::Members::new(body);
-    let last = members
-        .by_ref()
-        .filter(|(name, _, _)| name.eq_str("model"))
-        .last()
-        .map(|(_, start, _)| start);
-    if members.complete() { last } else { None }
+    json::string_at(body, json::last_member(body, "model")?)?
+        .0
+        .decode()
 }
 
 /// `body` with the top-level `model` value replaced by `model`, every other

@@ -1,0 +1,210 @@
+//! How many tokens a request will cost, before it is sent, without a tokenizer.
+//!
+//! A pacer must reserve a call's input tokens before sending it, but the
+//! exact count needs the model's tokenizer (or a round trip to the API's
+//! `count_tokens`). [`TokenEstimator`] divides the body's size by a
+//! bytes-per-token ratio instead, and learns the ratio of each model from
+//! the `usage` the responses report, so its estimates converge on the truth
+//! for the traffic it actually sees (code, prose, other languages, images
+//! in base64 all have their own ratios). [`max_tokens`] reads what a call
+//! may generate, which the API reserves against the output-tokens limit.
+//!
+//! ```
+//! use tower_overload::estimate::TokenEstimator;
+//!
+//! let mut estimator = TokenEstimator::new();
+//! let body = vec![b'x'; 40_000];
+//! let first = estimator.estimate(body.len());
+//! // The API said the call read 8,000 input tokens: 5 bytes per token.
+//! estimator.observe(body.len(), 8_000);
+//! assert!(first > 8_000, "the default ratio reserves more than it needs");
+//! assert_eq!(estimator.estimate(body.len()), 8_000);
+//! ```
+
+use crate::json;
+use crate::usage::count_at;
+
+/// A bytes-per-token ratio learned from reported usage.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenEstimator {
+    bytes_per_token: f64,
+    observations: u32,
+}
+
+impl Default for TokenEstimator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TokenEstimator {
+    /// The ratio before any observation: lower than a JSON body of English
+    /// prose has (about 4 bytes a token), so first estimates reserve more
+    /// than the call needs, never less.
+    pub const DEFAULT_BYTES_PER_TOKEN: f64 = 3.0;
+
+    /// The range a learned ratio stays in, whatever a response reports:
+    /// one stray report (an image counted by its pixels, say) must not make
+    /// the next estimates absurd.
+    pub const RATIO_RANGE: (f64, f64) = (0.5, 32.0);
+
+    /// How much a new observation moves the ratio after the first one.
+    const WEIGHT: f64 = 0.2;
+
+    /// An estimator starting from [`DEFAULT_BYTES_PER_TOKEN`](Self::DEFAULT_BYTES_PER_TOKEN).
+    ///
+    /// ```
+    /// # use tower_overload::estimate::TokenEstimator;
+    /// assert_eq!(TokenEstimator::new().estimate(3_000), 1_000);
+    /// ```
+    pub fn new() -> Self {
+        Self::with_ratio(Self::DEFAULT_BYTES_PER_TOKEN)
+    }
+
+    /// An estimator starting from `bytes_per_token` (kept in
+    /// [`RATIO_RANGE`](Self::RATIO_RANGE)).
+    ///
+    /// ```
+    /// # use tower_overload::estimate::TokenEstimator;
+    /// assert_eq!(TokenEstimator::with_ratio(4.0).estimate(4_000), 1_000);
+    /// ```
+    pub fn with_ratio(bytes_per_token: f64) -> Self {
+        Self {
+            bytes_per_token: clamp_ratio(bytes_per_token),
+            observations: 0,
+        }
+    }
+
+    /// The ratio in use.
+    ///
+    /// ```
+    /// # use tower_overload::estimate::TokenEstimator;
+    /// assert_eq!(TokenEstimator::new().bytes_per_token(), 3.0);
+    /// ```
+    pub fn bytes_per_token(&self) -> f64 {
+        self.bytes_per_token
+    }
+
+    /// The input tokens a body of `body_len` bytes is expected to cost
+    /// (at least 1).
+    ///
+    /// ```
+    /// # use tower_overload::estimate::TokenEstimator;
+    /// assert_eq!(TokenEstimator::new().estimate(0), 1);
+    /// assert_eq!(TokenEstimator::new().estimate(10), 4);
+    /// ```
+    pub fn estimate(&self, body_len: usize) -> u64 {
+        ((body_len as f64 / self.bytes_per_token).ceil() as u64).max(1)
+    }
+
+    /// Learns from a call whose body had `body_len` bytes and read
+    /// `input_tokens` in all (cached or not: the body holds the cached
+    /// prefix too). The first observation replaces the default; later ones
+    /// move the ratio a fifth of the way, so one odd call does not swing it.
+    /// Reports of zero tokens or an empty body teach nothing.
+    ///
+    /// ```
+    /// # use tower_overload::estimate::TokenEstimator;
+    /// let mut estimator = TokenEstimator::new();
+    /// estimator.observe(1_000, 250);
+    /// assert_eq!(estimator.bytes_per_token(), 4.0);
+    /// estimator.observe(1_000, 500);
+    /// assert!((estimator.bytes_per_token() - 3.6).abs() < 1e-9);
+    /// ```
+    pub fn observe(&mut self, body_len: usize, input_tokens: u64) {
+        if body_len == 0 || input_tokens == 0 {
+            return;
+        }
+        let seen = clamp_ratio(body_len as f64 / input_tokens as f64);
+        self.bytes_per_token = if self.observations == 0 {
+            seen
+        } else {
+            clamp_ratio(self.bytes_per_token + (seen - self.bytes_per_token) * Self::WEIGHT)
+        };
+        self.observations = self.observations.saturating_add(1);
+    }
+
+    /// How many observations the ratio was learned from.
+    ///
+    /// ```
+    /// # use tower_overload::estimate::TokenEstimator;
+    /// assert_eq!(TokenEstimator::new().observations(), 0);
+    /// ```
+    pub fn observations(&self) -> u32 {
+        self.observations
+    }
+}
+
+fn clamp_ratio(ratio: f64) -> f64 {
+    let (low, high) = TokenEstimator::RATIO_RANGE;
+    if ratio.is_nan() {
+        return TokenEstimator::DEFAULT_BYTES_PER_TOKEN;
+    }
+    ratio.clamp(low, high)
+}
+
+/// The top-level `max_tokens` of a Messages request body: what the API
+/// reserves against the output-tokens limit when the call starts. The last
+/// one counts when the key is repeated (as for the API's parser); `None`
+/// when it is missing, not a non-negative integer, or the body is not one
+/// well-formed object.
+///
+/// ```
+/// use tower_overload::estimate::max_tokens;
+///
+/// assert_eq!(max_tokens(br#"{"model":"m","max_tokens":1024,"messages":[]}"#), Some(1024));
+/// assert_eq!(max_tokens(br#"{"messages":[{"max_tokens":5}]}"#), None);
+/// assert_eq!(max_tokens(br#"{"max_tokens":1.5}"#), None);
+/// ```
+pub fn max_tokens(body: &[u8]) -> Option<u64> {
+    count_at(body, json::last_member(body, "max_tokens")?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn odd_reports_stay_in_range() {
+        let mut estimator = TokenEstimator::new();
+        estimator.observe(10, 1_000_000);
+        assert_eq!(estimator.bytes_per_token(), 0.5);
+        let mut estimator = TokenEstimator::new();
+        estimator.observe(usize::MAX, 1);
+        assert_eq!(estimator.bytes_per_token(), 32.0);
+        assert_eq!(TokenEstimator::with_ratio(f64::NAN).bytes_per_token(), 3.0);
+        estimator.observe(0, 5);
+        estimator.observe(5, 0);
+        assert_eq!(estimator.observations(), 1);
+    }
+
+    proptest! {
+        /// A skewed but steady ratio is learned: after twenty calls the
+        /// estimate is within 2% of the truth.
+        #[test]
+        fn calibration_converges(true_ratio in 0.6f64..30.0, sizes in proptest::collection::vec(1_000usize..200_000, 20..40)) {
+            let mut estimator = TokenEstimator::new();
+            for &size in &sizes {
+                let reported = ((size as f64 / true_ratio).round() as u64).max(1);
+                estimator.observe(size, reported);
+            }
+            let size = 100_000usize;
+            let truth = size as f64 / true_ratio;
+            let estimate = estimator.estimate(size) as f64;
+            prop_assert!((estimate - truth).abs() / truth < 0.02, "estimate {} truth {}", estimate, truth);
+        }
+
+        /// `max_tokens` reads what serde_json reads.
+        #[test]
+        fn max_tokens_agrees_with_serde_json(value in 0u64..u64::MAX, before in "[a-z]{0,8}", duplicate in proptest::option::of(0u64..100_000)) {
+            let mut body = format!(r#"{{"{before}x":[1,{{"max_tokens":7}}],"max_tokens":{value}"#);
+            if let Some(again) = duplicate {
+                body.push_str(&format!(r#","max_tokens":{again}"#));
+            }
+            body.push('}');
+            let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+            prop_assert_eq!(max_tokens(body.as_bytes()), parsed["max_tokens"].as_u64());
+        }
+    }
+}

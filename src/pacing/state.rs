@@ -1,0 +1,483 @@
+//! The per-key buckets, queue and counters shared by every clone of the service.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::HeaderMap;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::bucket::{Shortfall, TokenBucket};
+use crate::estimate::TokenEstimator;
+use crate::headers::{RateLimitWindow, RateLimits};
+use crate::model::Model;
+use crate::sync::lock;
+use crate::usage::Usage;
+
+use super::{BucketSnapshot, PacingLimits, PacingSnapshot};
+
+/// An exact input-token counter: the request body in, the count out.
+pub(crate) type CountTokens = Arc<dyn Fn(&[u8]) -> Option<u64> + Send + Sync>;
+
+/// Settings fixed when the layer is built.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) limits: HashMap<Model, PacingLimits>,
+    /// Model -> the name of the group whose buckets it spends from.
+    pub(crate) shares: HashMap<Model, Model>,
+    pub(crate) max_queued: usize,
+    pub(crate) queue_timeout: Option<Duration>,
+    pub(crate) count_tokens: Option<CountTokens>,
+    pub(crate) max_keys: usize,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("limits", &self.limits)
+            .field("shares", &self.shares)
+            .field("max_queued", &self.max_queued)
+            .field("queue_timeout", &self.queue_timeout)
+            .field("count_tokens", &self.count_tokens.is_some())
+            .field("max_keys", &self.max_keys)
+            .finish()
+    }
+}
+
+/// The key that learned names beyond `max_keys`, and requests with no
+/// model, share.
+pub(crate) const OTHER_KEY: &str = "<other>";
+
+/// The longest learned key, in bytes, given a state of its own.
+const MAX_KEY_LEN: usize = 256;
+
+/// The three buckets, in the order of [`Amounts`].
+pub(crate) const BUCKETS: [&str; 3] = ["requests", "input-tokens", "output-tokens"];
+
+/// What one call takes from each bucket: 1 request, its input tokens, its
+/// `max_tokens`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Amounts(pub(crate) [u64; 3]);
+
+/// What a call really took: for each bucket, the amount, or `None` when the
+/// key had no such bucket then (nothing to give back or correct).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Taken(pub(crate) [Option<u64>; 3]);
+
+/// Why a call cannot take its amounts now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Short {
+    /// The longest wait among the buckets, and which bucket.
+    Wait(&'static str, Duration),
+    /// Larger than the whole of this bucket.
+    TooLarge(&'static str),
+}
+
+/// Every key's state.
+#[derive(Debug)]
+pub(crate) struct Pacer {
+    pub(crate) config: Config,
+    table: Mutex<Table>,
+    other: Arc<KeyState>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    map: HashMap<Model, Arc<KeyState>>,
+    learned: usize,
+}
+
+impl Pacer {
+    pub(crate) fn new(config: Config) -> Self {
+        let other = Arc::new(KeyState::new(
+            Model::new(OTHER_KEY),
+            PacingLimits::default(),
+        ));
+        Self {
+            config,
+            table: Mutex::new(Table::default()),
+            other,
+        }
+    }
+
+    /// The state of `model`'s key: its group's when it shares one, its own
+    /// when configured or among the first `max_keys` learned names, else
+    /// the shared `<other>` key.
+    pub(crate) fn key(&self, model: Option<Model>) -> Arc<KeyState> {
+        let Some(model) = model else {
+            return Arc::clone(&self.other);
+        };
+        let key = self.config.shares.get(&model).cloned().unwrap_or(model);
+        let mut table = lock(&self.table);
+        if let Some(state) = table.map.get(&key) {
+            return Arc::clone(state);
+        }
+        let configured = self.config.limits.get(&key).copied();
+        let grouped = self.config.shares.values().any(|group| *group == key);
+        if configured.is_none() && !grouped {
+            if table.learned >= self.config.max_keys
+                || key.as_str().len() > MAX_KEY_LEN
+                || key.as_str() == OTHER_KEY
+            {
+                return Arc::clone(&self.other);
+            }
+            table.learned += 1;
+        }
+        let state = Arc::new(KeyState::new(key.clone(), configured.unwrap_or_default()));
+        table.map.insert(key, Arc::clone(&state));
+        state
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<PacingSnapshot> {
+        let mut states: Vec<Arc<KeyState>> = lock(&self.table).map.values().cloned().collect();
+        states.push(Arc::clone(&self.other));
+        let now = Instant::now();
+        let mut snapshots: Vec<PacingSnapshot> = states
+            .iter()
+            .map(|state| state.snapshot(now))
+            .filter(|s| s.key.as_str() != OTHER_KEY || s.requests_sent > 0 || s.queued > 0)
+            .collect();
+        snapshots.sort_by(|a, b| a.key.as_str().cmp(b.key.as_str()));
+        snapshots
+    }
+}
+
+/// One key: its buckets, estimator, queue and counters behind one lock, and
+/// the notification its waiting calls sleep on.
+#[derive(Debug)]
+pub(crate) struct KeyState {
+    pub(crate) key: Model,
+    pub(crate) inner: Mutex<Buckets>,
+    pub(crate) notify: Arc<Notify>,
+}
+
+/// What the lock of a key guards.
+#[derive(Debug)]
+pub(crate) struct Buckets {
+    /// Requests, input tokens, output tokens per minute; `None` until
+    /// configured or learned (an unknown limit is not paced).
+    pub(crate) buckets: [Option<TokenBucket>; 3],
+    pub(crate) estimator: TokenEstimator,
+    /// Tickets of the waiting calls, first come first served.
+    pub(crate) queue: VecDeque<u64>,
+    next_ticket: u64,
+    /// Tokens reserved by calls not settled yet (input, output).
+    pub(crate) reserved: [u64; 2],
+    pub(crate) sent: u64,
+    pub(crate) waits: u64,
+    pub(crate) waited: Duration,
+    pub(crate) longest_wait: Duration,
+    pub(crate) rejected: u64,
+    pub(crate) timed_out: u64,
+    pub(crate) too_large: u64,
+    /// Sums over settled calls of estimated and reported input tokens.
+    pub(crate) estimated_input: u64,
+    pub(crate) reported_input: u64,
+    /// (estimate - reported) / reported of the last settled call.
+    pub(crate) last_estimate_error: Option<f64>,
+}
+
+impl KeyState {
+    fn new(key: Model, limits: PacingLimits) -> Self {
+        let now = Instant::now();
+        let bucket = |limit: Option<u64>| limit.map(|limit| TokenBucket::per_minute(limit, now));
+        Self {
+            key,
+            inner: Mutex::new(Buckets {
+                buckets: [
+                    bucket(limits.requests_per_minute),
+                    bucket(limits.input_tokens_per_minute),
+                    bucket(limits.output_tokens_per_minute),
+                ],
+                estimator: TokenEstimator::new(),
+                queue: VecDeque::new(),
+                next_ticket: 0,
+                reserved: [0; 2],
+                sent: 0,
+                waits: 0,
+                waited: Duration::ZERO,
+                longest_wait: Duration::ZERO,
+                rejected: 0,
+                timed_out: 0,
+                too_large: 0,
+                estimated_input: 0,
+                reported_input: 0,
+                last_estimate_error: None,
+            }),
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Wakes the waiting calls, if any: the head may go earlier, or a new head must compute its wait.
+    pub(crate) fn wake(&self, buckets: &Buckets) {
+        if !buckets.queue.is_empty() {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Corrects the buckets with a response's `anthropic-ratelimit-*`
+    /// windows (creating a bucket the first time its limit is seen), and on
+    /// a rate-limited response with a server delay, pauses them all until
+    /// then: every clone waits, not just the call that got the 429.
+    pub(crate) fn observe(&self, headers: &HeaderMap, rate_limited: Option<Duration>) {
+        let limits = RateLimits::from_headers(headers);
+        let windows = [limits.requests, limits.input_tokens, limits.output_tokens];
+        if rate_limited.is_none() && windows.iter().all(RateLimitWindow::is_empty) {
+            return;
+        }
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut buckets = lock(&self.inner);
+        for (bucket, window) in buckets.buckets.iter_mut().zip(&windows) {
+            if window.is_empty() {
+                continue;
+            }
+            match bucket {
+                Some(bucket) => bucket.observe(window, wall, now),
+                None => {
+                    if let Some(limit) = window.limit.filter(|&limit| limit > 0) {
+                        let mut learned = TokenBucket::per_minute(limit, now);
+                        learned.observe(window, wall, now);
+                        *bucket = Some(learned);
+                    }
+                }
+            }
+        }
+        if let Some(delay) = rate_limited {
+            // At most a minute: the buckets refill fully in one, and a
+            // queued call has its own timeout for anything longer.
+            let until = now + delay.min(Duration::from_secs(60));
+            for bucket in buckets.buckets.iter_mut().flatten() {
+                bucket.pause_until(until, now);
+            }
+        }
+        self.wake(&buckets);
+    }
+
+    fn snapshot(&self, now: Instant) -> PacingSnapshot {
+        let mut b = lock(&self.inner);
+        let bucket = |bucket: &mut Option<TokenBucket>| {
+            bucket.as_mut().map(|bucket| BucketSnapshot {
+                capacity: bucket.capacity(),
+                available: bucket.available(now),
+            })
+        };
+        let [requests, input, output] = &mut b.buckets;
+        let (requests, input_tokens, output_tokens) =
+            (bucket(requests), bucket(input), bucket(output));
+        PacingSnapshot {
+            key: self.key.clone(),
+            requests,
+            input_tokens,
+            output_tokens,
+            reserved_input_tokens: b.reserved[0],
+            reserved_output_tokens: b.reserved[1],
+            queued: b.queue.len(),
+            requests_sent: b.sent,
+            waits: b.waits,
+            waited: b.waited,
+            longest_wait: b.longest_wait,
+            rejected: b.rejected,
+            timed_out: b.timed_out,
+            too_large: b.too_large,
+            bytes_per_token: b.estimator.bytes_per_token(),
+            estimated_input_tokens: b.estimated_input,
+            reported_input_tokens: b.reported_input,
+            last_estimate_error: b.last_estimate_error,
+        }
+    }
+}
+
+impl Buckets {
+    /// How long until `amounts` fit in every bucket, without taking anything.
+    pub(crate) fn shortfall(&mut self, amounts: Amounts, now: Instant) -> Option<Short> {
+        let mut longest: Option<(&'static str, Duration)> = None;
+        for ((bucket, amount), name) in self.buckets.iter_mut().zip(amounts.0).zip(BUCKETS) {
+            let Some(bucket) = bucket else { continue };
+            match bucket.fits(amount, now) {
+                Ok(()) => {}
+                Err(Shortfall::TooLarge { .. }) => return Some(Short::TooLarge(name)),
+                Err(Shortfall::Wait(wait)) => {
+                    if longest.is_none_or(|(_, longest)| wait > longest) {
+                        longest = Some((name, wait));
+                    }
+                }
+            }
+        }
+        longest.map(|(name, wait)| Short::Wait(name, wait))
+    }
+
+    /// Takes `amounts` from every bucket, or nothing when one is short.
+    pub(crate) fn try_take(&mut self, amounts: Amounts, now: Instant) -> Result<Taken, Short> {
+        if let Some(short) = self.shortfall(amounts, now) {
+            return Err(short);
+        }
+        let mut taken = Taken::default();
+        for ((bucket, amount), slot) in self.buckets.iter_mut().zip(amounts.0).zip(&mut taken.0) {
+            if let Some(bucket) = bucket {
+                // Fits: checked above at the same instant.
+                bucket.charge(amount, now);
+                *slot = Some(amount);
+            }
+        }
+        self.reserved[0] += amounts.0[1];
+        self.reserved[1] += amounts.0[2];
+        self.sent += 1;
+        Ok(taken)
+    }
+
+    /// A new ticket at the back of the queue, or `None` when it is full.
+    pub(crate) fn enqueue(&mut self, max_queued: usize) -> Option<u64> {
+        if self.queue.len() >= max_queued {
+            self.rejected += 1;
+            return None;
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket = self.next_ticket.wrapping_add(1);
+        self.queue.push_back(ticket);
+        Some(ticket)
+    }
+
+    /// Removes `ticket` from the queue; whether it was the head.
+    pub(crate) fn leave(&mut self, ticket: u64) -> bool {
+        match self.queue.iter().position(|&t| t == ticket) {
+            Some(at) => {
+                self.queue.remove(at);
+                at == 0
+            }
+            None => false,
+        }
+    }
+
+    /// Counts a wait that ended with the call going on.
+    pub(crate) fn record_wait(&mut self, waited: Duration) {
+        self.waits += 1;
+        self.waited += waited;
+        self.longest_wait = self.longest_wait.max(waited);
+    }
+
+    /// Gives back the token reservations of a call that used none (it
+    /// failed before a response, or the response is an error).
+    pub(crate) fn give_back(&mut self, amounts: Amounts, taken: Taken, now: Instant) {
+        for index in [1, 2] {
+            if let (Some(bucket), Some(amount)) = (&mut self.buckets[index], taken.0[index]) {
+                bucket.put_back(amount, now);
+            }
+        }
+        self.unreserve(amounts);
+    }
+
+    fn unreserve(&mut self, amounts: Amounts) {
+        self.reserved[0] = self.reserved[0].saturating_sub(amounts.0[1]);
+        self.reserved[1] = self.reserved[1].saturating_sub(amounts.0[2]);
+    }
+
+    /// Corrects a call's reservations with the usage it reported; `None`
+    /// (nothing known) keeps them, which errs on the safe side.
+    pub(crate) fn settle(&mut self, call: &Settle, usage: Option<Usage>, now: Instant) {
+        self.unreserve(call.amounts);
+        let Some(usage) = usage else { return };
+        if usage.input_tokens.is_some() {
+            let charged = usage.input_charged();
+            if let (Some(bucket), Some(taken)) = (&mut self.buckets[1], call.taken.0[1]) {
+                if charged < taken {
+                    bucket.put_back(taken - charged, now);
+                } else {
+                    bucket.charge(charged - taken, now);
+                }
+            }
+            let total = usage.input_total();
+            self.estimator.observe(call.body_len, total);
+            if total > 0 {
+                self.estimated_input += call.estimated;
+                self.reported_input += total;
+                self.last_estimate_error =
+                    Some((call.estimated as f64 - total as f64) / total as f64);
+            }
+        }
+        if let (Some(output), Some(bucket), Some(taken)) =
+            (usage.output_tokens, &mut self.buckets[2], call.taken.0[2])
+        {
+            if output < taken {
+                bucket.put_back(taken - output, now);
+            } else {
+                bucket.charge(output - taken, now);
+            }
+        }
+    }
+}
+
+/// What settling a call needs to know about it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settle {
+    pub(crate) amounts: Amounts,
+    pub(crate) taken: Taken,
+    pub(crate) body_len: usize,
+    /// The estimator's estimate (even when an exact counter was used): what
+    /// the estimate error is measured on.
+    pub(crate) estimated: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pacer(max_keys: usize) -> Pacer {
+        let mut config = Config {
+            limits: HashMap::new(),
+            shares: HashMap::new(),
+            max_queued: 8,
+            queue_timeout: None,
+            count_tokens: None,
+            max_keys,
+        };
+        let limits = PacingLimits {
+            requests_per_minute: Some(5),
+            ..PacingLimits::default()
+        };
+        config.limits.insert(Model::new("configured"), limits);
+        config.limits.insert(Model::new("group"), limits);
+        for model in ["a-1", "a-2"] {
+            config.shares.insert(Model::new(model), Model::new("group"));
+        }
+        Pacer::new(config)
+    }
+
+    #[tokio::test]
+    async fn keys_are_bounded_and_groups_share_one_state() {
+        let pacer = pacer(2);
+        let key = |name: &str| pacer.key(Some(Model::new(name)));
+        assert!(Arc::ptr_eq(&key("a-1"), &key("a-2")));
+        assert_eq!(key("a-1").key.as_str(), "group");
+        assert_eq!(key("learned-1").key.as_str(), "learned-1");
+        assert_eq!(key("learned-2").key.as_str(), "learned-2");
+        // Past `max_keys`, and without a model: the shared key.
+        assert_eq!(key("learned-3").key.as_str(), OTHER_KEY);
+        assert_eq!(pacer.key(None).key.as_str(), OTHER_KEY);
+        // Configured keys never count against the bound.
+        assert_eq!(key("configured").key.as_str(), "configured");
+        assert!(lock(&key("group").inner).buckets[0].is_some());
+        assert!(lock(&key("learned-1").inner).buckets[0].is_none());
+    }
+
+    #[tokio::test]
+    async fn taking_is_all_or_nothing_and_names_the_longest_wait() {
+        let pacer = pacer(2);
+        let state = pacer.key(Some(Model::new("configured")));
+        let now = Instant::now();
+        let mut buckets = lock(&state.inner);
+        buckets.buckets[1] = Some(TokenBucket::per_minute(600, now));
+        assert!(buckets.try_take(Amounts([5, 100, 0]), now).is_ok());
+        // Requests are out (12 s for one); input tokens have room: nothing is taken.
+        assert_eq!(
+            buckets.try_take(Amounts([1, 100, 0]), now),
+            Err(Short::Wait("requests", Duration::from_secs(12)))
+        );
+        assert_eq!(buckets.buckets[1].as_mut().unwrap().available(now), 500.0);
+        assert_eq!(
+            buckets.shortfall(Amounts([1, 700, 0]), now),
+            Some(Short::TooLarge("input-tokens"))
+        );
+    }
+}
