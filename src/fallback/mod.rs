@@ -10,9 +10,9 @@
 //! a response header, and every fallback is a `tracing` event with the
 //! request ids involved.
 //!
-//! Errors come back as the crate's [`Error`](crate::Error) (the inner
-//! service's own, when not ours, as its source; see the
-//! [convention](crate::Error)); one with a trigger class (the retry
+//! Errors come back as the crate's [`Error`] (the inner
+//! service's own, when not ours, as its source: the convention is on that
+//! type); one with a trigger class (the retry
 //! layer's [`FinalFailure::Error`](crate::retry::FinalFailure::Error) mode)
 //! falls back like the response it stands for.
 //!
