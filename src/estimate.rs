@@ -160,6 +160,21 @@ pub fn max_tokens(body: &[u8]) -> Option<u64> {
     count_at(body, json::last_member(body, "max_tokens")?)
 }
 
+/// The `model` and `max_tokens` of a Messages request body, read in one
+/// walk (as [`model::extract`](crate::model::extract) and [`max_tokens`]
+/// read them): what a pacer needs of every call.
+#[cfg_attr(not(feature = "pacing"), allow(dead_code))]
+pub(crate) fn model_and_max_tokens(body: &[u8]) -> (Option<crate::Model>, Option<u64>) {
+    let Some([model, max_tokens]) = json::last_members(body, ["model", "max_tokens"]) else {
+        return (None, None);
+    };
+    let model = model
+        .and_then(|at| json::string_at(body, at))
+        .and_then(|(name, _)| name.decode())
+        .map(|name| crate::Model::from_name(&name));
+    (model, max_tokens.and_then(|at| count_at(body, at)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -325,13 +325,23 @@ impl<'a> Iterator for Members<'a> {
 /// a parser keeping the last duplicate (serde_json, the API) reads. `None`
 /// when there is none or `bytes` is not one well-formed object.
 pub(crate) fn last_member(bytes: &[u8], key: &str) -> Option<usize> {
+    last_members(bytes, [key])?[0]
+}
+
+/// [`last_member`] for several keys in one walk of the object: the start of
+/// each key's last value. `None` when `bytes` is not one well-formed object.
+pub(crate) fn last_members<const N: usize>(
+    bytes: &[u8],
+    keys: [&str; N],
+) -> Option<[Option<usize>; N]> {
+    let mut found = [None; N];
     let mut members = Members::new(bytes);
-    let last = members
-        .by_ref()
-        .filter(|(name, _, _)| name.eq_str(key))
-        .last()
-        .map(|(_, start, _)| start);
-    if members.complete() { last } else { None }
+    for (name, start, _) in members.by_ref() {
+        if let Some(slot) = keys.iter().position(|key| name.eq_str(key)) {
+            found[slot] = Some(start);
+        }
+    }
+    members.complete().then_some(found)
 }
 
 /// The string starting at `at`, if the value there is a string, and the index past it.

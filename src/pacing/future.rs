@@ -17,9 +17,10 @@ use super::body::{PacedBody, Settler};
 use super::state::{Amounts, KeyState, Pacer, Settle, Short};
 use crate::body::ReplayableBody;
 use crate::classify::{self, Class};
-use crate::estimate::max_tokens;
+use crate::estimate::model_and_max_tokens;
+use crate::model::Model;
 use crate::sync::lock;
-use crate::{BoxError, Error, ErrorKind, headers, model};
+use crate::{BoxError, Error, ErrorKind, headers};
 
 /// A wait longer than this is worth a tracing event.
 const LONG_WAIT: Duration = Duration::from_secs(1);
@@ -226,14 +227,20 @@ where
     B: ReplayableBody,
 {
     pub(crate) fn new(service: &mut S, request: Request<B>, pacer: Arc<Pacer>) -> Self {
-        let key = pacer.key(model::of_request(&request));
         let body = request.body().in_memory();
+        // One walk of the body for both: it is the per-call cost of pacing.
+        let (from_body, output) = match &body {
+            Some(body) => model_and_max_tokens(body),
+            None => (None, None),
+        };
+        let model = request.extensions().get::<Model>().cloned().or(from_body);
+        let key = pacer.key(model);
+        let output = output.unwrap_or(0);
         let body_len = body.as_ref().map_or(0, |body| body.len());
         let exact = match (&pacer.config.count_tokens, &body) {
             (Some(count), Some(body)) => count(body),
             _ => None,
         };
-        let output = body.as_deref().and_then(max_tokens).unwrap_or(0);
         let mut buckets = lock(&key.inner);
         let estimated = match body {
             Some(_) => buckets.estimator.estimate(body_len),
