@@ -349,20 +349,27 @@ impl<S, B> Drop for FallbackCall<S, B> {
 
 /// The class of a response: the retry layer's verdict when it left one
 /// (it may have read the body), else the status and headers.
-fn response_class<R>(response: &Response<R>) -> (Class, Vec<RequestId>) {
+fn response_class<R>(response: &Response<R>) -> Class {
     #[cfg(feature = "retry")]
     if let Some(report) = response.extensions().get::<crate::retry::RetryReport>()
         && let Some(last) = report.attempts.last()
     {
-        return (last.class, report.request_ids().cloned().collect());
+        return last.class;
     }
-    let class = classify::classify(response.status(), response.headers(), None).class;
-    (
-        class,
-        headers::request_id(response.headers())
-            .into_iter()
-            .collect(),
-    )
+    classify::classify(response.status(), response.headers(), None).class
+}
+
+/// The request ids of a response given up on: every attempt's when the
+/// retry layer left a report, else the response's own. Read only when the
+/// call falls back, so a success collects nothing.
+fn response_request_ids<R>(response: &Response<R>) -> Vec<RequestId> {
+    #[cfg(feature = "retry")]
+    if let Some(report) = response.extensions().get::<crate::retry::RetryReport>() {
+        return report.request_ids().cloned().collect();
+    }
+    headers::request_id(response.headers())
+        .into_iter()
+        .collect()
 }
 
 impl<S, B, R> Future for ResponseFuture<S, B>
@@ -385,7 +392,7 @@ where
                     };
                     match result {
                         Ok(mut response) => {
-                            let (class, request_ids) = response_class(&response);
+                            let class = response_class(&response);
                             call.settle(Some(class));
                             if call.shared.triggers.contains(&class) {
                                 call.records.push(FallbackRecord {
@@ -393,7 +400,7 @@ where
                                     skipped: false,
                                     class: Some(class),
                                     status: Some(response.status()),
-                                    request_ids,
+                                    request_ids: response_request_ids(&response),
                                 });
                                 if call.fall_back() {
                                     this.state.set(State::Ready);
