@@ -12,6 +12,11 @@
 //! 60 s deadline. Every strategy is a real tower service stack (tower's own
 //! `Retry` or this crate's layers) in front of the same simulated upstream;
 //! tokio's clock is paused, so 8 minutes of traffic take seconds.
+//!
+//! With `--features pacing`, a last table: the rate-limit scenario (issue
+//! 14), an organisation at 50 RPM, 30k ITPM and 8k OTPM for one model,
+//! bursty calls of 100 to 50,000 tokens, comparing retrying the 429s, a
+//! local reserve-and-reject check and the pacing layer (see the `rate_limit` module).
 
 // The test includes this file for `run`; `main` is its to ignore.
 #![allow(dead_code)]
@@ -919,7 +924,11 @@ pub mod rate_limit {
             Self(Arc::new(LimitedState {
                 start: now,
                 scenario: scenario.clone(),
-                buckets: Mutex::new(scenario.limits.map(|limit| TokenBucket::per_minute(limit, now))),
+                buckets: Mutex::new(
+                    scenario
+                        .limits
+                        .map(|limit| TokenBucket::per_minute(limit, now)),
+                ),
                 attempts: Mutex::new(Vec::new()),
             }))
         }
@@ -968,7 +977,10 @@ pub mod rate_limit {
 
     /// `time` as RFC 3339 in UTC, to the second.
     fn rfc3339(time: SystemTime) -> String {
-        let secs = time.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+        let secs = time
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs() as i64;
         let (days, of_day) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
         // Days since 1970-01-01 to a proleptic Gregorian date, by 400-year eras
         // starting on 1 March (so the leap day ends a year).
@@ -979,7 +991,11 @@ pub mod rate_limit {
         let of_year = of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
         let month_from_march = (5 * of_year + 2) / 153;
         let day = of_year - (153 * month_from_march + 2) / 5 + 1;
-        let month = if month_from_march < 10 { month_from_march + 3 } else { month_from_march - 9 };
+        let month = if month_from_march < 10 {
+            month_from_march + 3
+        } else {
+            month_from_march - 9
+        };
         let year = year_of_era + era * 400 + i64::from(month <= 2);
         format!(
             "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
@@ -1058,9 +1074,8 @@ pub mod rate_limit {
                     input,
                     output,
                 });
-                let service = Duration::from_secs_f64(
-                    0.5 + output as f64 / state.scenario.tokens_per_sec,
-                );
+                let service =
+                    Duration::from_secs_f64(0.5 + output as f64 / state.scenario.tokens_per_sec);
                 tokio::time::sleep(service).await;
                 let text = format!(
                     r#"{{"type":"message","role":"assistant","model":"{MODEL}","content":[{{"type":"text","text":"ok"}}],"usage":{{"input_tokens":{input},"output_tokens":{output}}}}}"#
@@ -1173,10 +1188,7 @@ pub mod rate_limit {
         ))
     }
 
-    fn strategies(
-        upstream: &Limited,
-        scenario: &RateLimitScenario,
-    ) -> Vec<(&'static str, Client)> {
+    fn strategies(upstream: &Limited, scenario: &RateLimitScenario) -> Vec<(&'static str, Client)> {
         let seed = scenario.seed;
         let raw = ServiceBuilder::new()
             .map_err(|never: Infallible| -> BoxError { match never {} })
@@ -1217,7 +1229,9 @@ pub mod rate_limit {
                 read_through(ReserveReject {
                     inner: raw.clone(),
                     buckets: Arc::new(Mutex::new(
-                        scenario.limits.map(|limit| TokenBucket::per_minute(limit, now)),
+                        scenario
+                            .limits
+                            .map(|limit| TokenBucket::per_minute(limit, now)),
                     )),
                 }),
             ),
@@ -1225,7 +1239,9 @@ pub mod rate_limit {
                 "pacing + foreground retry",
                 read_through(
                     ServiceBuilder::new()
-                        .layer(OverloadRetryLayer::new(RetryPolicy::foreground().seed(seed)))
+                        .layer(OverloadRetryLayer::new(
+                            RetryPolicy::foreground().seed(seed),
+                        ))
                         .layer(pacing)
                         .service(upstream.clone()),
                 ),
@@ -1251,6 +1267,10 @@ pub mod rate_limit {
         pub otpm_use: f64,
         /// Successful calls per minute of traffic.
         pub goodput: f64,
+        /// Input tokens of the successful calls per minute of traffic: the
+        /// goodput that does not favour the strategies that serve small
+        /// prompts and fail large ones.
+        pub token_goodput: f64,
         pub p50: Duration,
         pub p99: Duration,
         /// Calls still unanswered at their deadline.
@@ -1285,6 +1305,7 @@ pub mod rate_limit {
             let calls = Arc::clone(&calls);
             tasks.spawn(async move {
                 let (at, body) = calls[index].clone();
+                let tokens = body.len() as u64 / 4;
                 tokio::time::sleep_until(start + at).await;
                 let sent = Instant::now();
                 let mut request = Request::post("/v1/messages").body(Full::new(body)).unwrap();
@@ -1293,7 +1314,7 @@ pub mod rate_limit {
                     .insert("content-type", HeaderValue::from_static("application/json"));
                 let outcome = tokio::time::timeout(deadline, client.oneshot(request)).await;
                 let ok = matches!(outcome, Ok(Ok(status)) if status == StatusCode::OK);
-                (sent.elapsed(), ok, outcome.is_err())
+                (sent.elapsed(), ok, outcome.is_err(), tokens)
             });
         }
         let mut outcomes = Vec::new();
@@ -1315,8 +1336,8 @@ pub mod rate_limit {
         };
         let mut latencies: Vec<Duration> = outcomes
             .iter()
-            .filter(|(_, ok, _)| *ok)
-            .map(|(latency, _, _)| *latency)
+            .filter(|(_, ok, _, _)| *ok)
+            .map(|(latency, _, _, _)| *latency)
             .collect();
         latencies.sort();
         let ok = latencies.len();
@@ -1334,21 +1355,38 @@ pub mod rate_limit {
             itpm_use: accepted(|a| a.input) / (scenario.limits[1] as f64 * steady_minutes),
             otpm_use: accepted(|a| a.output) / (scenario.limits[2] as f64 * steady_minutes),
             goodput: ok as f64 / (length / 60.0),
+            token_goodput: outcomes
+                .iter()
+                .filter(|(_, ok, _, _)| *ok)
+                .map(|(_, _, _, tokens)| *tokens)
+                .sum::<u64>() as f64
+                / (length / 60.0),
             p50: percentile(&latencies, 0.5),
             p99: percentile(&latencies, 0.99),
-            past_deadline: outcomes.iter().filter(|(_, _, late)| *late).count(),
+            past_deadline: outcomes.iter().filter(|(_, _, late, _)| *late).count(),
         }
     }
 
     /// The table on stdout.
     pub fn table(results: &[RateLimitResult]) -> String {
         let mut out = format!(
-            "{:<30} {:>6} {:>6} {:>6} {:>7} {:>6} {:>6} {:>8} {:>7} {:>7} {:>6}\n",
-            "strategy", "ok", "failed", "429s", "steady", "ITPM", "OTPM", "goodput", "p50", "p99", "late"
+            "{:<30} {:>5} {:>6} {:>5} {:>6} {:>6} {:>6} {:>8} {:>9} {:>6} {:>6} {:>5}\n",
+            "strategy",
+            "ok",
+            "failed",
+            "429s",
+            "steady",
+            "ITPM",
+            "OTPM",
+            "goodput",
+            "ok tokens",
+            "p50",
+            "p99",
+            "late"
         );
         for r in results {
             out += &format!(
-                "{:<30} {:>6} {:>6} {:>6} {:>7} {:>5.1}% {:>5.1}% {:>6.2}/m {:>6.1}s {:>6.1}s {:>6}\n",
+                "{:<30} {:>5} {:>6} {:>5} {:>6} {:>5.1}% {:>5.1}% {:>6.2}/m {:>6.1}k/m {:>5.1}s {:>5.1}s {:>5}\n",
                 r.name,
                 r.ok,
                 r.failed,
@@ -1357,6 +1395,7 @@ pub mod rate_limit {
                 100.0 * r.itpm_use,
                 100.0 * r.otpm_use,
                 r.goodput,
+                r.token_goodput / 1000.0,
                 r.p50.as_secs_f64(),
                 r.p99.as_secs_f64(),
                 r.past_deadline,
