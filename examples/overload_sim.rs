@@ -12,6 +12,11 @@
 //! 60 s deadline. Every strategy is a real tower service stack (tower's own
 //! `Retry` or this crate's layers) in front of the same simulated upstream;
 //! tokio's clock is paused, so 8 minutes of traffic take seconds.
+//!
+//! With `--features pacing`, a last table: the rate-limit scenario (issue
+//! 14), an organisation at 50 RPM, 30k ITPM and 8k OTPM for one model,
+//! bursty calls of 100 to 50,000 tokens, comparing retrying the 429s, a
+//! local reserve-and-reject check and the pacing layer (see the `rate_limit` module).
 
 // The test includes this file for `run`; `main` is its to ignore.
 #![allow(dead_code)]
@@ -787,6 +792,619 @@ pub fn contention(clients: usize, seed: u64) -> Vec<(Jitter, usize, f64)> {
     .collect()
 }
 
+// ===== the rate-limit scenario (issue 14) =====
+
+/// An organisation at its per-minute limits for one model: an upstream
+/// that answers 429 when a request does not fit its RPM, ITPM and OTPM
+/// token buckets, bursty traffic of mixed prompt sizes, and the ways a
+/// client can live with it: retry the 429s, check locally and reject, or
+/// pace (wait for the budget before sending).
+#[cfg(feature = "pacing")]
+pub mod rate_limit {
+    use super::*;
+    use http::HeaderValue;
+    use http_body::Body;
+    use http_body_util::BodyExt;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    use tower_overload::bucket::{Shortfall, TokenBucket};
+    use tower_overload::estimate::max_tokens;
+    use tower_overload::pacing::{PacingLimits, RateLimitPacingLayer};
+    use tower_overload::usage::Usage;
+
+    pub const MODEL: &str = "claude-sonnet-4-6";
+    const BUCKETS: [&str; 3] = ["requests", "input-tokens", "output-tokens"];
+
+    /// The traffic and the organisation's limits.
+    #[derive(Debug, Clone)]
+    pub struct RateLimitScenario {
+        /// Arrivals stop after this long; the run lasts until every call ends.
+        pub length: Duration,
+        pub deadline: Duration,
+        /// RPM, ITPM, OTPM.
+        pub limits: [u64; 3],
+        /// Seconds between the starts of two bursts (uniform in the range).
+        pub burst_gap: (f64, f64),
+        /// Calls per burst (uniform in the range).
+        pub burst_calls: (usize, usize),
+        /// A burst's calls arrive within this many seconds.
+        pub burst_spread: f64,
+        /// Prompt sizes in tokens (log-uniform in the range).
+        pub prompt_tokens: (u64, u64),
+        pub max_tokens: &'static [u64],
+        /// Output speed of the upstream, tokens per second.
+        pub tokens_per_sec: f64,
+        /// What the steady state excludes: the start, before the first
+        /// headers were learned and the buckets were full.
+        pub warm_up: Duration,
+        pub seed: u64,
+    }
+
+    impl RateLimitScenario {
+        /// A tier-like limit (50 RPM, 30k ITPM, 8k OTPM), bursts every 30 to
+        /// 90 s of 6 to 14 calls within 10 s, prompts of 100 to 50,000
+        /// tokens, `max_tokens` 256 to 4096; 40 minutes; 120 s deadline.
+        pub fn reference() -> Self {
+            Self {
+                length: Duration::from_secs(40 * 60),
+                deadline: Duration::from_secs(120),
+                limits: [50, 30_000, 8_000],
+                burst_gap: (30.0, 90.0),
+                burst_calls: (6, 14),
+                burst_spread: 10.0,
+                prompt_tokens: (100, 50_000),
+                max_tokens: &[256, 512, 1024, 2048, 4096],
+                tokens_per_sec: 100.0,
+                warm_up: Duration::from_secs(60),
+                seed: 2028,
+            }
+        }
+
+        /// Every call: when it arrives and its request body.
+        fn calls(&self) -> Vec<(Duration, Bytes)> {
+            let mut rng = SmallRng::seed_from_u64(self.seed);
+            let (low, high) = (
+                (self.prompt_tokens.0 as f64).ln(),
+                (self.prompt_tokens.1 as f64).ln(),
+            );
+            let mut calls = Vec::new();
+            let mut burst = rng.random_range(0.0..self.burst_gap.0);
+            while burst < self.length.as_secs_f64() {
+                let n = rng.random_range(self.burst_calls.0..=self.burst_calls.1);
+                for _ in 0..n {
+                    let at = burst + rng.random::<f64>() * self.burst_spread;
+                    let tokens = rng.random_range(low..high).exp() as usize;
+                    let max = self.max_tokens[rng.random_range(0..self.max_tokens.len())];
+                    calls.push((Duration::from_secs_f64(at), body(tokens, max)));
+                }
+                burst += rng.random_range(self.burst_gap.0..self.burst_gap.1);
+            }
+            calls.sort_by_key(|(at, _)| *at);
+            calls
+        }
+    }
+
+    /// A Messages request of about `tokens` input tokens (4 bytes each, as
+    /// the upstream counts them).
+    fn body(tokens: usize, max_tokens: u64) -> Bytes {
+        let head = format!(
+            r#"{{"model":"{MODEL}","max_tokens":{max_tokens},"messages":[{{"role":"user","content":""#
+        );
+        let tail = r#""}]}"#;
+        let text = (4 * tokens).saturating_sub(head.len() + tail.len());
+        let mut body = head.into_bytes();
+        body.resize(body.len() + text, b'x');
+        body.extend_from_slice(tail.as_bytes());
+        Bytes::from(body)
+    }
+
+    /// One attempt the upstream saw.
+    #[derive(Debug, Clone, Copy)]
+    struct Attempt {
+        at: f64,
+        status: u16,
+        input: u64,
+        output: u64,
+    }
+
+    struct LimitedState {
+        start: Instant,
+        scenario: RateLimitScenario,
+        /// RPM, ITPM, OTPM, refilled continuously.
+        buckets: Mutex<[TokenBucket; 3]>,
+        attempts: Mutex<Vec<Attempt>>,
+    }
+
+    /// The organisation's upstream for one model.
+    #[derive(Clone)]
+    pub struct Limited(Arc<LimitedState>);
+
+    impl Limited {
+        fn new(scenario: &RateLimitScenario) -> Self {
+            let now = Instant::now();
+            Self(Arc::new(LimitedState {
+                start: now,
+                scenario: scenario.clone(),
+                buckets: Mutex::new(
+                    scenario
+                        .limits
+                        .map(|limit| TokenBucket::per_minute(limit, now)),
+                ),
+                attempts: Mutex::new(Vec::new()),
+            }))
+        }
+
+        /// The share of `max_tokens` a call generates: fixed per request
+        /// body, so every strategy's calls generate the same.
+        fn generated(&self, body: &[u8], max_tokens: u64) -> u64 {
+            let mut x = (body.len() as u64 ^ max_tokens.rotate_left(32)) ^ self.0.scenario.seed;
+            // splitmix64's finaliser
+            x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
+            x ^= x >> 31;
+            let share = 0.1 + 0.9 * (x % 1000) as f64 / 1000.0;
+            ((max_tokens as f64 * share) as u64).max(1)
+        }
+    }
+
+    /// `anthropic-ratelimit-{requests,input-tokens,output-tokens}-{limit,remaining,reset}`.
+    fn rate_limit_headers(
+        response: &mut Response<Full<Bytes>>,
+        buckets: &mut [TokenBucket; 3],
+        now: Instant,
+    ) {
+        let wall = SystemTime::now();
+        for (bucket, name) in buckets.iter_mut().zip(BUCKETS) {
+            let capacity = bucket.capacity();
+            let level = bucket.available(now);
+            let to_full = (capacity as f64 - level).max(0.0) * 60.0 / capacity as f64;
+            let headers = response.headers_mut();
+            headers.insert(
+                http::HeaderName::try_from(format!("anthropic-ratelimit-{name}-limit")).unwrap(),
+                capacity.into(),
+            );
+            headers.insert(
+                http::HeaderName::try_from(format!("anthropic-ratelimit-{name}-remaining"))
+                    .unwrap(),
+                (level.max(0.0).floor() as u64).into(),
+            );
+            headers.insert(
+                http::HeaderName::try_from(format!("anthropic-ratelimit-{name}-reset")).unwrap(),
+                HeaderValue::from_str(&rfc3339(wall + Duration::from_secs_f64(to_full.ceil())))
+                    .unwrap(),
+            );
+        }
+    }
+
+    /// `time` as RFC 3339 in UTC, to the second.
+    fn rfc3339(time: SystemTime) -> String {
+        let secs = time
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs() as i64;
+        let (days, of_day) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+        // Days since 1970-01-01 to a proleptic Gregorian date, by 400-year eras
+        // starting on 1 March (so the leap day ends a year).
+        let shifted = days + 719_468;
+        let era = shifted.div_euclid(146_097);
+        let of_era = shifted - era * 146_097;
+        let year_of_era = (of_era - of_era / 1460 + of_era / 36_524 - of_era / 146_096) / 365;
+        let of_year = of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+        let month_from_march = (5 * of_year + 2) / 153;
+        let day = of_year - (153 * month_from_march + 2) / 5 + 1;
+        let month = if month_from_march < 10 {
+            month_from_march + 3
+        } else {
+            month_from_march - 9
+        };
+        let year = year_of_era + era * 400 + i64::from(month <= 2);
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+            of_day / 3600,
+            of_day / 60 % 60,
+            of_day % 60
+        )
+    }
+
+    impl Service<Request<Full<Bytes>>> for Limited {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+            let this = self.clone();
+            Box::pin(async move {
+                let state = &this.0;
+                let body = request
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let input = body.len() as u64 / 4;
+                let max = max_tokens(&body).unwrap_or(0);
+                let now = Instant::now();
+                let at = now.duration_since(state.start).as_secs_f64();
+                // The API's check: one request, the input, and max_tokens of
+                // output (reserved until the output is known) must all fit.
+                let short = {
+                    let mut buckets = state.buckets.lock().unwrap();
+                    let mut longest = Some(Duration::ZERO);
+                    for (bucket, amount) in buckets.iter_mut().zip([1, input, max]) {
+                        match bucket.fits(amount, now) {
+                            Ok(()) => {}
+                            Err(Shortfall::Wait(wait)) => longest = longest.map(|l| l.max(wait)),
+                            Err(Shortfall::TooLarge { .. }) => longest = None,
+                        }
+                    }
+                    match longest {
+                        Some(wait) if wait.is_zero() => {
+                            for (bucket, amount) in buckets.iter_mut().zip([1, input, max]) {
+                                bucket.charge(amount, now);
+                            }
+                            None
+                        }
+                        // Larger than a whole bucket: it never fits; say a minute.
+                        other => {
+                            let retry_after =
+                                other.map_or(60, |wait| wait.as_secs_f64().ceil().max(1.0) as u64);
+                            let mut response = reply(429, "rate_limit_error", Some(retry_after));
+                            rate_limit_headers(&mut response, &mut buckets, now);
+                            Some(response)
+                        }
+                    }
+                };
+                if let Some(response) = short {
+                    state.attempts.lock().unwrap().push(Attempt {
+                        at,
+                        status: 429,
+                        input: 0,
+                        output: 0,
+                    });
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    return Ok(response);
+                }
+                let output = this.generated(&body, max);
+                state.attempts.lock().unwrap().push(Attempt {
+                    at,
+                    status: 200,
+                    input,
+                    output,
+                });
+                let service =
+                    Duration::from_secs_f64(0.5 + output as f64 / state.scenario.tokens_per_sec);
+                tokio::time::sleep(service).await;
+                let text = format!(
+                    r#"{{"type":"message","role":"assistant","model":"{MODEL}","content":[{{"type":"text","text":"ok"}}],"usage":{{"input_tokens":{input},"output_tokens":{output}}}}}"#
+                );
+                let mut response = Response::new(Full::new(Bytes::from(text)));
+                response
+                    .headers_mut()
+                    .insert("content-type", HeaderValue::from_static("application/json"));
+                let now = Instant::now();
+                let mut buckets = state.buckets.lock().unwrap();
+                // The end of the call: the unused part of max_tokens comes back.
+                buckets[2].put_back(max - output, now);
+                rate_limit_headers(&mut response, &mut buckets, now);
+                Ok(response)
+            })
+        }
+    }
+
+    // ===== LiteLLM-style reserve-and-reject =====
+
+    /// Checks a local copy of the limits before sending; when the budget is
+    /// short it answers its own 429 at once (nothing sent, nothing waits).
+    #[derive(Clone)]
+    struct ReserveReject<S> {
+        inner: S,
+        buckets: Arc<Mutex<[TokenBucket; 3]>>,
+    }
+
+    impl<S> Service<Request<Full<Bytes>>> for ReserveReject<S>
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = BoxError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send,
+    {
+        type Response = Response<Full<Bytes>>;
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            self.inner.poll_ready(cx)
+        }
+
+        fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+            let clone = self.inner.clone();
+            let mut inner = std::mem::replace(&mut self.inner, clone);
+            let buckets = Arc::clone(&self.buckets);
+            Box::pin(async move {
+                let (parts, body) = request.into_parts();
+                let body = body.collect().await?.to_bytes();
+                let amounts = [1, body.len() as u64 / 4, max_tokens(&body).unwrap_or(0)];
+                {
+                    let now = Instant::now();
+                    let mut buckets = buckets.lock().unwrap();
+                    let fits = buckets
+                        .iter_mut()
+                        .zip(amounts)
+                        .all(|(bucket, amount)| bucket.fits(amount, now).is_ok());
+                    if !fits {
+                        return Ok(reply(429, "rate_limit_error", None));
+                    }
+                    for (bucket, amount) in buckets.iter_mut().zip(amounts) {
+                        bucket.charge(amount, now);
+                    }
+                }
+                let response = inner
+                    .call(Request::from_parts(parts, Full::new(body)))
+                    .await?;
+                let (parts, body) = response.into_parts();
+                let body = body.collect().await?.to_bytes();
+                let now = Instant::now();
+                let mut buckets = buckets.lock().unwrap();
+                match Usage::from_message(&body).and_then(|usage| usage.output_tokens) {
+                    // The real output replaces the max_tokens reserved.
+                    Some(output) if output <= amounts[2] => {
+                        buckets[2].put_back(amounts[2] - output, now)
+                    }
+                    Some(_) => {}
+                    // An error used no tokens.
+                    None => {
+                        buckets[1].put_back(amounts[1], now);
+                        buckets[2].put_back(amounts[2], now);
+                    }
+                }
+                Ok(Response::from_parts(parts, Full::new(body)))
+            })
+        }
+    }
+
+    // ===== the strategies =====
+
+    /// Reads the body to its end (a pacing layer settles the call there)
+    /// and keeps the status.
+    fn read_through<S, B>(service: S) -> Client
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        BoxCloneService::new(service.map_err(Into::into).and_then(
+            |response: Response<B>| async move {
+                let status = response.status();
+                response.into_body().collect().await.map_err(Into::into)?;
+                Ok(status)
+            },
+        ))
+    }
+
+    fn strategies(upstream: &Limited, scenario: &RateLimitScenario) -> Vec<(&'static str, Client)> {
+        let seed = scenario.seed;
+        let raw = ServiceBuilder::new()
+            .map_err(|never: Infallible| -> BoxError { match never {} })
+            .service(upstream.clone());
+        let now = Instant::now();
+        let [rpm, itpm, otpm] = scenario.limits;
+        let pacing = RateLimitPacingLayer::new()
+            .limits_for(
+                MODEL,
+                PacingLimits {
+                    requests_per_minute: Some(rpm),
+                    input_tokens_per_minute: Some(itpm),
+                    output_tokens_per_minute: Some(otpm),
+                },
+            )
+            // Waited budget plus the longest generation stay within the deadline.
+            .queue_timeout(Some(scenario.deadline / 2));
+        vec![
+            (
+                "retry only (foreground)",
+                read_through(
+                    OverloadRetryLayer::new(RetryPolicy::foreground().seed(seed))
+                        .layer(upstream.clone()),
+                ),
+            ),
+            (
+                "official SDK policy",
+                read_through(tower::retry::Retry::new(
+                    OfficialSdk {
+                        retries: 0,
+                        rng: SmallRng::seed_from_u64(seed),
+                    },
+                    raw.clone(),
+                )),
+            ),
+            (
+                "reserve-and-reject (LiteLLM)",
+                read_through(ReserveReject {
+                    inner: raw.clone(),
+                    buckets: Arc::new(Mutex::new(
+                        scenario
+                            .limits
+                            .map(|limit| TokenBucket::per_minute(limit, now)),
+                    )),
+                }),
+            ),
+            (
+                "pacing + foreground retry",
+                read_through(
+                    ServiceBuilder::new()
+                        .layer(OverloadRetryLayer::new(
+                            RetryPolicy::foreground().seed(seed),
+                        ))
+                        .layer(pacing)
+                        .service(upstream.clone()),
+                ),
+            ),
+        ]
+    }
+
+    // ===== running and measuring =====
+
+    /// What one strategy achieved.
+    #[derive(Debug, Clone)]
+    pub struct RateLimitResult {
+        pub name: &'static str,
+        pub calls: usize,
+        pub ok: usize,
+        pub failed: usize,
+        /// 429s the upstream answered, in all and after the warm-up.
+        pub upstream_429: usize,
+        pub steady_429: usize,
+        /// Input and output tokens the upstream accepted after the warm-up,
+        /// as a share of what the limits allow over that time.
+        pub itpm_use: f64,
+        pub otpm_use: f64,
+        /// Successful calls per minute of traffic.
+        pub goodput: f64,
+        /// Input tokens of the successful calls per minute of traffic: the
+        /// goodput that does not favour the strategies that serve small
+        /// prompts and fail large ones.
+        pub token_goodput: f64,
+        pub p50: Duration,
+        pub p99: Duration,
+        /// Calls still unanswered at their deadline.
+        pub past_deadline: usize,
+    }
+
+    /// Runs every strategy on the same calls; call under a paused tokio clock.
+    pub async fn run(scenario: &RateLimitScenario) -> Vec<RateLimitResult> {
+        let calls = Arc::new(scenario.calls());
+        let count = strategies(&Limited::new(scenario), scenario).len();
+        let mut results = Vec::new();
+        for index in 0..count {
+            let upstream = Limited::new(scenario);
+            let (name, client) = strategies(&upstream, scenario).swap_remove(index);
+            results.push(run_one(name, client, &upstream, scenario, Arc::clone(&calls)).await);
+        }
+        results
+    }
+
+    async fn run_one(
+        name: &'static str,
+        client: Client,
+        upstream: &Limited,
+        scenario: &RateLimitScenario,
+        calls: Arc<Vec<(Duration, Bytes)>>,
+    ) -> RateLimitResult {
+        let start = upstream.0.start;
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..calls.len() {
+            let client = client.clone();
+            let deadline = scenario.deadline;
+            let calls = Arc::clone(&calls);
+            tasks.spawn(async move {
+                let (at, body) = calls[index].clone();
+                let tokens = body.len() as u64 / 4;
+                tokio::time::sleep_until(start + at).await;
+                let sent = Instant::now();
+                let mut request = Request::post("/v1/messages").body(Full::new(body)).unwrap();
+                request
+                    .headers_mut()
+                    .insert("content-type", HeaderValue::from_static("application/json"));
+                let outcome = tokio::time::timeout(deadline, client.oneshot(request)).await;
+                let ok = matches!(outcome, Ok(Ok(status)) if status == StatusCode::OK);
+                (sent.elapsed(), ok, outcome.is_err(), tokens)
+            });
+        }
+        let mut outcomes = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            outcomes.push(done.expect("a call task"));
+        }
+        let attempts = upstream.0.attempts.lock().unwrap().clone();
+        let warm_up = scenario.warm_up.as_secs_f64();
+        let length = scenario.length.as_secs_f64();
+        let steady = |a: &&Attempt| a.at >= warm_up && a.at < length;
+        let steady_minutes = (length - warm_up) / 60.0;
+        let accepted = |field: fn(&Attempt) -> u64| {
+            attempts
+                .iter()
+                .filter(steady)
+                .filter(|a| a.status == 200)
+                .map(field)
+                .sum::<u64>() as f64
+        };
+        let mut latencies: Vec<Duration> = outcomes
+            .iter()
+            .filter(|(_, ok, _, _)| *ok)
+            .map(|(latency, _, _, _)| *latency)
+            .collect();
+        latencies.sort();
+        let ok = latencies.len();
+        RateLimitResult {
+            name,
+            calls: outcomes.len(),
+            ok,
+            failed: outcomes.len() - ok,
+            upstream_429: attempts.iter().filter(|a| a.status == 429).count(),
+            steady_429: attempts
+                .iter()
+                .filter(steady)
+                .filter(|a| a.status == 429)
+                .count(),
+            itpm_use: accepted(|a| a.input) / (scenario.limits[1] as f64 * steady_minutes),
+            otpm_use: accepted(|a| a.output) / (scenario.limits[2] as f64 * steady_minutes),
+            goodput: ok as f64 / (length / 60.0),
+            token_goodput: outcomes
+                .iter()
+                .filter(|(_, ok, _, _)| *ok)
+                .map(|(_, _, _, tokens)| *tokens)
+                .sum::<u64>() as f64
+                / (length / 60.0),
+            p50: percentile(&latencies, 0.5),
+            p99: percentile(&latencies, 0.99),
+            past_deadline: outcomes.iter().filter(|(_, _, late, _)| *late).count(),
+        }
+    }
+
+    /// The table on stdout.
+    pub fn table(results: &[RateLimitResult]) -> String {
+        let mut out = format!(
+            "{:<30} {:>5} {:>6} {:>5} {:>6} {:>6} {:>6} {:>8} {:>9} {:>6} {:>6} {:>5}\n",
+            "strategy",
+            "ok",
+            "failed",
+            "429s",
+            "steady",
+            "ITPM",
+            "OTPM",
+            "goodput",
+            "ok tokens",
+            "p50",
+            "p99",
+            "late"
+        );
+        for r in results {
+            out += &format!(
+                "{:<30} {:>5} {:>6} {:>5} {:>6} {:>5.1}% {:>5.1}% {:>6.2}/m {:>6.1}k/m {:>5.1}s {:>5.1}s {:>5}\n",
+                r.name,
+                r.ok,
+                r.failed,
+                r.upstream_429,
+                r.steady_429,
+                100.0 * r.itpm_use,
+                100.0 * r.otpm_use,
+                r.goodput,
+                r.token_goodput / 1000.0,
+                r.p50.as_secs_f64(),
+                r.p99.as_secs_f64(),
+                r.past_deadline,
+            );
+        }
+        out
+    }
+}
+
 fn main() {
     let scenario = Scenario::reference();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -825,4 +1443,33 @@ fn main() {
         println!("{:<14} {:>8} {:>10.0} ms", format!("{jitter:?}"), work, ms);
     }
     println!("paper's ordering: work None >> Equal > Full ~ Decorrelated; completion None slowest");
+    rate_limit_main(&runtime);
+}
+
+#[cfg(feature = "pacing")]
+fn rate_limit_main(runtime: &tokio::runtime::Runtime) {
+    let scenario = rate_limit::RateLimitScenario::reference();
+    let [rpm, itpm, otpm] = scenario.limits;
+    println!(
+        "\nrate limits: {rpm} RPM, {itpm} ITPM, {otpm} OTPM for {}; bursts of {} to {} calls every {} to {} s, prompts of {} to {} tokens, for {} min, {} s deadline; steady state after {} s\n",
+        rate_limit::MODEL,
+        scenario.burst_calls.0,
+        scenario.burst_calls.1,
+        scenario.burst_gap.0,
+        scenario.burst_gap.1,
+        scenario.prompt_tokens.0,
+        scenario.prompt_tokens.1,
+        scenario.length.as_secs() / 60,
+        scenario.deadline.as_secs(),
+        scenario.warm_up.as_secs(),
+    );
+    print!(
+        "{}",
+        rate_limit::table(&runtime.block_on(rate_limit::run(&scenario)))
+    );
+}
+
+#[cfg(not(feature = "pacing"))]
+fn rate_limit_main(_: &tokio::runtime::Runtime) {
+    println!("\nrate-limit scenario: run with `--features pacing`");
 }
