@@ -29,6 +29,9 @@ use crate::usage::count_at;
 pub struct TokenEstimator {
     bytes_per_token: f64,
     observations: u32,
+    /// Bytes and tokens of the calls seen, older ones fading.
+    seen_bytes: f64,
+    seen_tokens: f64,
 }
 
 impl Default for TokenEstimator {
@@ -72,6 +75,8 @@ impl TokenEstimator {
         Self {
             bytes_per_token: clamp_ratio(bytes_per_token),
             observations: 0,
+            seen_bytes: 0.0,
+            seen_tokens: 0.0,
         }
     }
 
@@ -99,28 +104,30 @@ impl TokenEstimator {
 
     /// Learns from a call whose body had `body_len` bytes and read
     /// `input_tokens` in all (cached or not: the body holds the cached
-    /// prefix too). The first observation replaces the default; later ones
-    /// move the ratio a fifth of the way, so one odd call does not swing it.
-    /// Reports of zero tokens or an empty body teach nothing.
+    /// prefix too). The first observation replaces the default; after it
+    /// the ratio is the bytes over the tokens of the calls seen, each older
+    /// call weighing a fifth less: large calls, which the budget depends on,
+    /// weigh by their size (an average of per-call ratios let small bodies
+    /// pull it high and under-reserve large ones), and one odd call does not
+    /// swing it. Reports of zero tokens or an empty body teach nothing.
     ///
     /// ```
     /// # use tower_overload::estimate::TokenEstimator;
     /// let mut estimator = TokenEstimator::new();
     /// estimator.observe(1_000, 250);
     /// assert_eq!(estimator.bytes_per_token(), 4.0);
-    /// estimator.observe(1_000, 500);
-    /// assert!((estimator.bytes_per_token() - 3.6).abs() < 1e-9);
+    /// estimator.observe(100_000, 20_000);
+    /// let ratio = estimator.bytes_per_token();
+    /// assert!(ratio > 4.95 && ratio < 5.0, "the large call counts most: {ratio}");
     /// ```
     pub fn observe(&mut self, body_len: usize, input_tokens: u64) {
         if body_len == 0 || input_tokens == 0 {
             return;
         }
-        let seen = clamp_ratio(body_len as f64 / input_tokens as f64);
-        self.bytes_per_token = if self.observations == 0 {
-            seen
-        } else {
-            clamp_ratio(self.bytes_per_token + (seen - self.bytes_per_token) * Self::WEIGHT)
-        };
+        let keep = 1.0 - Self::WEIGHT;
+        self.seen_bytes = self.seen_bytes * keep + body_len as f64;
+        self.seen_tokens = self.seen_tokens * keep + input_tokens as f64;
+        self.bytes_per_token = clamp_ratio(self.seen_bytes / self.seen_tokens);
         self.observations = self.observations.saturating_add(1);
     }
 
