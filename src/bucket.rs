@@ -46,8 +46,9 @@ pub enum Shortfall {
 /// A bucket of `capacity` tokens refilled at `capacity` per period.
 ///
 /// Its level may go below zero: a call that used more than it reserved is
-/// charged in full, and the calls after it wait for the refill to pay that
-/// debt, as the API's own bucket would make them.
+/// charged in full (down to a debt of one whole bucket), and the calls
+/// after it wait for the refill to pay that debt, as the API's own bucket
+/// would make them.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     capacity: f64,
@@ -173,9 +174,16 @@ impl TokenBucket {
         // Rounded up to the next millisecond, so that waiting this long
         // always suffices (a wait that comes up a hair short would wake a
         // caller only to make it wait again).
-        let refill = Duration::from_secs_f64(missing.max(0.0) / self.rate());
-        let refill = Duration::from_millis(refill.as_nanos().div_ceil(1_000_000) as u64);
-        Err(Shortfall::Wait(pause + refill))
+        // Saturating: a bucket refilled over ages (a huge `period`) must
+        // name a long wait, not panic.
+        let refill = Duration::try_from_secs_f64(missing.max(0.0) / self.rate()).map_or(
+            Duration::MAX,
+            |refill| {
+                let millis = refill.as_nanos().div_ceil(1_000_000);
+                Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX))
+            },
+        );
+        Err(Shortfall::Wait(pause.saturating_add(refill)))
     }
 
     /// Takes `amount` if it fits now; otherwise takes nothing and says how
@@ -196,7 +204,10 @@ impl TokenBucket {
     }
 
     /// Takes `amount` whether it fits or not: usage beyond a reservation
-    /// (the level may go below zero; later calls wait out the debt).
+    /// (the level may go below zero; later calls wait out the debt). The
+    /// debt stops at one whole bucket: the API's own bucket lets no more
+    /// through in a period, so a larger figure is a bogus report, and
+    /// believing it would stall every call for ages.
     ///
     /// ```
     /// # use tower_overload::bucket::TokenBucket;
@@ -207,7 +218,7 @@ impl TokenBucket {
     /// ```
     pub fn charge(&mut self, amount: u64, now: Instant) {
         self.refill(now);
-        self.level -= amount as f64;
+        self.level = (self.level - amount as f64).max(-self.capacity);
     }
 
     /// Gives back `amount` taken but not used: a cancelled call's
@@ -358,6 +369,27 @@ mod tests {
         };
         bucket.observe(&window, SystemTime::now(), start);
         assert_eq!((bucket.capacity(), bucket.available(start)), (1000, 500.0));
+    }
+
+    /// Defect B1 (breaker 14): a report of u64::MAX tokens made `fits`
+    /// panic (`Duration::from_secs_f64` overflowed) on a small bucket, and
+    /// would have stalled it for ages on a large one.
+    #[test]
+    fn an_absurd_charge_is_one_bucket_of_debt_at_most() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::per_minute(50, start);
+        bucket.charge(u64::MAX, start);
+        bucket.charge(u64::MAX, start);
+        assert_eq!(bucket.available(start), -50.0);
+        assert_eq!(bucket.fits(50, start), Err(Shortfall::Wait(120 * SECOND)));
+        assert_eq!(bucket.available(start + 120 * SECOND), 50.0);
+        // A bucket refilled over ages names a long wait, without a panic.
+        let mut slow = TokenBucket::new(u64::MAX, Duration::MAX, start);
+        slow.charge(u64::MAX, start);
+        assert!(matches!(
+            slow.fits(u64::MAX, start),
+            Err(Shortfall::Wait(_))
+        ));
     }
 
     proptest! {

@@ -125,8 +125,14 @@ impl TokenEstimator {
             return;
         }
         let keep = 1.0 - Self::WEIGHT;
-        self.seen_bytes = self.seen_bytes * keep + body_len as f64;
-        self.seen_tokens = self.seen_tokens * keep + input_tokens as f64;
+        let bytes = body_len as f64;
+        // A report outside the ratio range counts as the range's edge: left
+        // raw, one absurd count (u64::MAX tokens) would outweigh the next
+        // hundred calls and pin the ratio at its edge all that time.
+        let (low, high) = Self::RATIO_RANGE;
+        let tokens = (input_tokens as f64).clamp(bytes / high, bytes / low);
+        self.seen_bytes = self.seen_bytes * keep + bytes;
+        self.seen_tokens = self.seen_tokens * keep + tokens;
         self.bytes_per_token = clamp_ratio(self.seen_bytes / self.seen_tokens);
         self.observations = self.observations.saturating_add(1);
     }
@@ -199,6 +205,23 @@ mod tests {
         estimator.observe(0, 5);
         estimator.observe(5, 0);
         assert_eq!(estimator.observations(), 1);
+    }
+
+    /// Defect B1 (breaker 14): one absurd report (u64::MAX tokens) pinned
+    /// the ratio at its lowest for about 160 calls, so a pacer refused
+    /// ordinary calls as larger than the whole bucket all that time.
+    #[test]
+    fn one_absurd_report_fades_like_any_call() {
+        let mut estimator = TokenEstimator::new();
+        for _ in 0..20 {
+            estimator.observe(10_000, 2_500);
+        }
+        estimator.observe(1_000, u64::MAX);
+        for _ in 0..5 {
+            estimator.observe(10_000, 2_500);
+        }
+        let ratio = estimator.bytes_per_token();
+        assert!((ratio - 4.0).abs() < 0.2, "{ratio}");
     }
 
     proptest! {

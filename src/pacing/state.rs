@@ -329,8 +329,9 @@ impl Buckets {
                 *slot = Some(amount);
             }
         }
-        self.reserved[0] += amounts.0[1];
-        self.reserved[1] += amounts.0[2];
+        // Saturating: `max_tokens` is the client's number, u64::MAX included.
+        self.reserved[0] = self.reserved[0].saturating_add(amounts.0[1]);
+        self.reserved[1] = self.reserved[1].saturating_add(amounts.0[2]);
         self.sent += 1;
         Ok(taken)
     }
@@ -361,7 +362,7 @@ impl Buckets {
     /// Counts a wait that ended with the call going on.
     pub(crate) fn record_wait(&mut self, waited: Duration) {
         self.waits += 1;
-        self.waited += waited;
+        self.waited = self.waited.saturating_add(waited);
         self.longest_wait = self.longest_wait.max(waited);
     }
 
@@ -398,8 +399,9 @@ impl Buckets {
             let total = usage.input_total();
             self.estimator.observe(call.body_len, total);
             if total > 0 {
-                self.estimated_input += call.estimated;
-                self.reported_input += total;
+                // Saturating: the counts are the upstream's numbers.
+                self.estimated_input = self.estimated_input.saturating_add(call.estimated);
+                self.reported_input = self.reported_input.saturating_add(total);
                 self.last_estimate_error =
                     Some((call.estimated as f64 - total as f64) / total as f64);
             }
