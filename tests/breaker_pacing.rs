@@ -409,12 +409,11 @@ async fn a_retry_after_of_days_pauses_a_minute_at_most() {
     );
 }
 
-/// Finding D (breaker 14): a 429 with `retry-after` but no
+/// Defect D (breaker 14): a 429 with `retry-after` but no
 /// `anthropic-ratelimit-*` headers (a proxy, a gateway) on a key whose
 /// limits are not known pauses nothing: every clone collects its own 429.
 #[tokio::test(start_paused = true)]
-#[ignore = "finding: a 429's pause is kept per bucket; a key with no known limit has none to pause (issue 14 item 5 says every clone waits)"]
-async fn finding_d_a_bare_429_pauses_a_key_without_limits() {
+async fn defect_d_a_bare_429_pauses_a_key_without_limits() {
     let mock = MockUpstream::start().await;
     let layer = RateLimitPacingLayer::new().queue_timeout(None);
     let service = paced(&layer);

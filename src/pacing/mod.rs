@@ -31,8 +31,8 @@
 //!   correct the buckets (creating them the first time a limit is seen):
 //!   other clients of the organisation spend from the same budget. A 429
 //!   with `retry-after` (or an exhausted window with its reset) pauses all
-//!   the key's buckets until then, so every clone waits instead of each
-//!   collecting its own 429.
+//!   the key's buckets until then (the key itself when it has none yet), so
+//!   every clone waits instead of each collecting its own 429.
 //! - **Reconciliation.** The response body ([`PacedBody`]) reads the usage
 //!   the response reports (the JSON `usage`, or a stream's `message_start`
 //!   and `message_delta`) and, at its end, gives the unused input and output

@@ -158,6 +158,10 @@ pub(crate) struct Buckets {
     /// Requests, input tokens, output tokens per minute; `None` until
     /// configured or learned (an unknown limit is not paced).
     pub(crate) buckets: [Option<TokenBucket>; 3],
+    /// Until when a 429 paused the key: kept apart from the buckets so
+    /// that a key with no known limit (a 429 without `anthropic-ratelimit-*`
+    /// headers, from a proxy) pauses too.
+    paused_until: Option<Instant>,
     pub(crate) estimator: TokenEstimator,
     /// Tickets of the waiting calls, first come first served.
     pub(crate) queue: VecDeque<u64>,
@@ -190,6 +194,7 @@ impl KeyState {
                     bucket(limits.input_tokens_per_minute),
                     bucket(limits.output_tokens_per_minute),
                 ],
+                paused_until: None,
                 estimator: TokenEstimator::new(),
                 queue: VecDeque::new(),
                 next_ticket: 0,
@@ -259,6 +264,7 @@ impl KeyState {
             for bucket in buckets.buckets.iter_mut().flatten() {
                 bucket.pause_until(until, now);
             }
+            buckets.paused_until = Some(buckets.paused_until.map_or(until, |p| p.max(until)));
         }
         self.wake(&buckets);
     }
@@ -301,6 +307,11 @@ impl Buckets {
     /// How long until `amounts` fit in every bucket, without taking anything.
     pub(crate) fn shortfall(&mut self, amounts: Amounts, now: Instant) -> Option<Short> {
         let mut longest: Option<(&'static str, Duration)> = None;
+        match self.paused_until {
+            Some(until) if now < until => longest = Some((BUCKETS[0], until - now)),
+            Some(_) => self.paused_until = None,
+            None => {}
+        }
         for ((bucket, amount), name) in self.buckets.iter_mut().zip(amounts.0).zip(BUCKETS) {
             let Some(bucket) = bucket else { continue };
             match bucket.fits(amount, now) {
