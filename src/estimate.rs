@@ -90,6 +90,25 @@ impl TokenEstimator {
         self.bytes_per_token
     }
 
+    /// The input tokens `body` is expected to cost when its media are
+    /// counted as media ([`without_media`], [`TOKENS_PER_MEDIA`] each) and
+    /// only the rest by size: for a body whose size alone says more than a
+    /// whole bucket, before refusing it.
+    ///
+    /// ```
+    /// # use tower_overload::estimate::TokenEstimator;
+    /// let image = "A".repeat(200_000);
+    /// let body = format!(r#"{{"messages":[{{"content":[{{"type":"image","source":{{"type":"base64","data":"{image}"}}}}]}}]}}"#);
+    /// let estimator = TokenEstimator::new();
+    /// assert!(estimator.estimate(body.len()) > 60_000);
+    /// assert!(estimator.estimate_with_media(body.as_bytes()) < 1_700);
+    /// ```
+    pub fn estimate_with_media(&self, body: &[u8]) -> u64 {
+        let (text, media) = without_media(body);
+        self.estimate(text)
+            .saturating_add(u64::from(media).saturating_mul(TOKENS_PER_MEDIA))
+    }
+
     /// The input tokens a body of `body_len` bytes is expected to cost
     /// (at least 1).
     ///
@@ -156,6 +175,61 @@ fn clamp_ratio(ratio: f64) -> f64 {
     ratio.clamp(low, high)
 }
 
+/// The longest base64 run counted as media: shorter strings of base64
+/// letters (ids, hashes, short words) stay text.
+const MEDIA_MIN_BYTES: usize = 1024;
+
+/// Tokens one image or document page is reserved at: the API counts an
+/// image by its pixels (about width x height / 750, some 1,600 tokens for
+/// the largest it takes unresized), not by the size of its base64.
+pub const TOKENS_PER_MEDIA: u64 = 1_600;
+
+/// The body's size without its base64 media (`"data"` values of more than
+/// 1 KiB made of base64 letters only: images and documents sent inline, as
+/// the API's `source` objects carry them), and how many such media it holds. What a size-based estimate must not divide by
+/// a text ratio: a 200 KB image is a few thousand tokens, not 60,000.
+///
+/// ```
+/// use tower_overload::estimate::without_media;
+///
+/// let image = "iVBORw0KGgo".repeat(2_000);
+/// let body = format!(r#"{{"messages":[{{"content":[{{"type":"image","source":{{"type":"base64","data":"{image}"}}}},{{"type":"text","text":"What is this?"}}]}}]}}"#);
+/// let (text, media) = without_media(body.as_bytes());
+/// assert_eq!((text, media), (body.len() - image.len(), 1));
+/// ```
+pub fn without_media(body: &[u8]) -> (usize, u32) {
+    let mut text = body.len();
+    let mut media = 0u32;
+    let mut at = 0;
+    while let Some(quote) = memchr::memchr(b'"', &body[at..]) {
+        let start = at + quote;
+        let Some((string, end)) = json::scan_string(body, start) else {
+            break;
+        };
+        let raw = string.raw;
+        if raw.len() > MEDIA_MIN_BYTES
+            && is_data_value(&body[..start])
+            && raw
+                .iter()
+                .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'='))
+        {
+            text -= raw.len();
+            media = media.saturating_add(1);
+        }
+        at = end;
+    }
+    (text, media)
+}
+
+/// Whether what comes before a value ends with the key `"data"` and its colon.
+fn is_data_value(before: &[u8]) -> bool {
+    let trimmed = before.trim_ascii_end();
+    let Some(before_colon) = trimmed.strip_suffix(b":") else {
+        return false;
+    };
+    before_colon.trim_ascii_end().ends_with(b"\"data\"")
+}
+
 /// The top-level `max_tokens` of a Messages request body: what the API
 /// reserves against the output-tokens limit when the call starts. The last
 /// one counts when the key is repeated (as for the API's parser); `None`
@@ -192,6 +266,31 @@ pub(crate) fn model_and_max_tokens(body: &[u8]) -> (Option<crate::Model>, Option
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn only_data_values_of_base64_are_media() {
+        let long = "A".repeat(2_000);
+        let cases = [
+            (
+                format!(r#"{{"source":{{"type":"base64","data" : "{long}"}}}}"#),
+                1,
+            ),
+            (format!(r#"{{"content":"{long}"}}"#), 0),
+            (format!(r#"{{"data":"{long} with spaces"}}"#), 0),
+            (format!(r#"{{"data":"{}"}}"#, "A".repeat(1_000)), 0),
+            (
+                format!(r#"{{"data":"{long}","more":{{"data":"{long}"}}}}"#),
+                2,
+            ),
+        ];
+        for (body, media) in cases {
+            let (text, found) = without_media(body.as_bytes());
+            assert_eq!(found, media, "{}", &body[..40]);
+            assert_eq!(text, body.len() - media as usize * long.len());
+        }
+        // A broken string ends the scan; nothing is counted twice.
+        assert_eq!(without_media(br#"{"data":"AAAA"#), (13, 0));
+    }
 
     #[test]
     fn odd_reports_stay_in_range() {

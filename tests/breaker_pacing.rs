@@ -446,7 +446,6 @@ async fn defect_d_a_bare_429_pauses_a_key_without_limits() {
 /// good, without being sent. Only an exact count should refuse at once; an
 /// estimate above the bucket could reserve the whole bucket.
 #[tokio::test(start_paused = true)]
-#[ignore = "finding: an estimate (not an exact count) above the bucket refuses calls the API would take (base64 images); tests/pacing.rs asserts this refusal, so it is the lead's call"]
 async fn finding_c_an_image_body_is_not_refused_on_an_estimate() {
     let mock = MockUpstream::start().await;
     mock.set_default(usage_reply("1600", "5"));

@@ -246,7 +246,22 @@ where
             Some(_) => buckets.estimator.estimate(body_len),
             None => 0,
         };
-        let amounts = Amounts([1, exact.unwrap_or(estimated), output]);
+        // A size-based estimate above the whole bucket is looked at again
+        // with its media counted as media (a 200 KB base64 image is a few
+        // thousand tokens, not 60,000) before the call is refused; the
+        // reconciliation charges what the call really used either way.
+        let input = match (exact, &body) {
+            (Some(exact), _) => exact,
+            (None, Some(bytes))
+                if buckets
+                    .input_capacity()
+                    .is_some_and(|full| estimated > full) =>
+            {
+                estimated.min(buckets.estimator.estimate_with_media(bytes))
+            }
+            (None, _) => estimated,
+        };
+        let amounts = Amounts([1, input, output]);
         let now = Instant::now();
         let short = if buckets.queue.is_empty() {
             match buckets.try_take(amounts, now) {

@@ -22,7 +22,10 @@
 //!   wait past `queue_timeout` with
 //!   [`ErrorKind::PacingTimeout`](crate::ErrorKind::PacingTimeout), a call
 //!   larger than a whole bucket with
-//!   [`ErrorKind::PacingTooLarge`](crate::ErrorKind::PacingTooLarge); each
+//!   [`ErrorKind::PacingTooLarge`](crate::ErrorKind::PacingTooLarge) (an
+//!   estimate that says so is looked at again with its base64 media counted
+//!   per item, [`estimate::without_media`](crate::estimate::without_media),
+//!   since a 200 KB image is a few thousand tokens, not 60,000); each
 //!   names the bucket ([`Error::bucket`](crate::Error::bucket)) and the
 //!   expected wait ([`Error::wait`](crate::Error::wait)); nothing is sent.
 //!   Dropping a waiting call leaves the queue.

@@ -304,6 +304,11 @@ impl KeyState {
 }
 
 impl Buckets {
+    /// What the input-tokens bucket holds when full, when there is one.
+    pub(crate) fn input_capacity(&self) -> Option<u64> {
+        self.buckets[1].as_ref().map(TokenBucket::capacity)
+    }
+
     /// How long until `amounts` fit in every bucket, without taking anything.
     pub(crate) fn shortfall(&mut self, amounts: Amounts, now: Instant) -> Option<Short> {
         let mut longest: Option<(&'static str, Duration)> = None;
