@@ -342,3 +342,43 @@ async fn queued_calls_go_in_order_as_the_bucket_refills() {
     assert!(sizes[60] > *earliest, "{sizes:?}");
     assert_eq!(key(&service).waits, 4);
 }
+
+/// Only the head of a queue is woken when the buckets change: waiting
+/// calls behind it are polled when they become the head, not at every
+/// event, so a long queue costs one wake-up per event, not one per waiter.
+#[tokio::test(start_paused = true)]
+async fn only_the_head_of_the_queue_is_woken() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const CALLS: usize = 40;
+    let mock = MockUpstream::start().await;
+    // 60 a minute: one call a second, so the queue drains one by one.
+    let service = RateLimitPacingLayer::new()
+        .limits_for(MODEL, limits(Some(60), None, None))
+        .queue_timeout(None)
+        .layer(client());
+    for _ in 0..60 {
+        call(&service, request(&mock, 10, 10).0).await.unwrap();
+    }
+    let polls = Arc::new(AtomicUsize::new(0));
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..CALLS {
+        let mut future = Box::pin(service.clone().oneshot(request(&mock, 10, 10).0));
+        let polls = Arc::clone(&polls);
+        calls.spawn(std::future::poll_fn(move |cx| {
+            polls.fetch_add(1, Ordering::Relaxed);
+            future.as_mut().poll(cx)
+        }));
+        tokio::task::yield_now().await;
+    }
+    while let Some(done) = calls.join_next().await {
+        let response = done.unwrap().unwrap();
+        response.into_body().collect().await.unwrap();
+    }
+    let polls = polls.load(Ordering::Relaxed);
+    // Each call: its first poll, a wake-up when it becomes the head, one
+    // when its refill is due, and the response's own polls over loopback.
+    // About 5 a call here; waking every waiter at every event made it ~43.
+    assert!(polls < CALLS * 8, "{polls} polls for {CALLS} queued calls");
+}

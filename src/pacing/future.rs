@@ -9,7 +9,6 @@ use std::time::{Duration, SystemTime};
 use http::{Request, Response, header::CONTENT_TYPE};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
@@ -98,9 +97,6 @@ struct Wait<S, B> {
     started: Instant,
     /// Why it waits, as last computed: named by the errors.
     short: Option<(&'static str, Duration)>,
-    /// Created before each look at the buckets, so no wake-up between the
-    /// look and the wait is missed.
-    notified: Option<Pin<Box<OwnedNotified>>>,
     /// The head's sleep until its buckets have refilled enough.
     refill: Option<Pin<Box<Sleep>>>,
     timeout: Option<Pin<Box<Sleep>>>,
@@ -131,13 +127,9 @@ impl<S, B> Wait<S, B> {
     fn poll_wait(&mut self, cx: &mut Context<'_>, pacer: &Pacer) -> Poll<Waited> {
         let key = Arc::clone(&self.ticket.key);
         loop {
-            let notified = self
-                .notified
-                .get_or_insert_with(|| Box::pin(Arc::clone(&key.notify).notified_owned()));
-            notified.as_mut().enable();
             let now = Instant::now();
             let mut buckets = lock(&key.inner);
-            if buckets.queue.front() == Some(&self.ticket.id) {
+            if buckets.register(self.ticket.id, cx.waker()) {
                 match buckets.try_take(self.amounts, now) {
                     Ok(taken) => {
                         buckets.queue.pop_front();
@@ -208,12 +200,6 @@ impl<S, B> Wait<S, B> {
             if let Some(refill) = self.refill.as_mut()
                 && refill.as_mut().poll(cx).is_ready()
             {
-                continue;
-            }
-            if let Some(notified) = self.notified.as_mut()
-                && notified.as_mut().poll(cx).is_ready()
-            {
-                self.notified = None;
                 continue;
             }
             return Poll::Pending;
@@ -329,7 +315,6 @@ where
                     estimated,
                     started: now,
                     short,
-                    notified: None,
                     refill: None,
                     timeout,
                 })),

@@ -2,10 +2,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::bucket::{Shortfall, TokenBucket};
@@ -149,7 +149,6 @@ impl Pacer {
 pub(crate) struct KeyState {
     pub(crate) key: Model,
     pub(crate) inner: Mutex<Buckets>,
-    pub(crate) notify: Arc<Notify>,
 }
 
 /// What the lock of a key guards.
@@ -164,7 +163,10 @@ pub(crate) struct Buckets {
     paused_until: Option<Instant>,
     pub(crate) estimator: TokenEstimator,
     /// Tickets of the waiting calls, first come first served.
-    pub(crate) queue: VecDeque<u64>,
+    /// Waiting tickets in order, each with the waker of its call: only the
+    /// head is woken (when the buckets change, or when it becomes the head),
+    /// so a long queue costs one wake-up per event, not one per waiter.
+    pub(crate) queue: VecDeque<(u64, Option<Waker>)>,
     next_ticket: u64,
     /// Tokens reserved by calls not settled yet (input, output).
     pub(crate) reserved: [u64; 2],
@@ -210,14 +212,14 @@ impl KeyState {
                 reported_input: 0,
                 last_estimate_error: None,
             }),
-            notify: Arc::new(Notify::new()),
         }
     }
 
-    /// Wakes the waiting calls, if any: the head may go earlier, or a new head must compute its wait.
+    /// Wakes the head of the queue, if any: it may go earlier, or, new at
+    /// the head, must compute its own wait.
     pub(crate) fn wake(&self, buckets: &Buckets) {
-        if !buckets.queue.is_empty() {
-            self.notify.notify_waiters();
+        if let Some((_, Some(waker))) = buckets.queue.front() {
+            waker.wake_by_ref();
         }
     }
 
@@ -360,19 +362,33 @@ impl Buckets {
         }
         let ticket = self.next_ticket;
         self.next_ticket = self.next_ticket.wrapping_add(1);
-        self.queue.push_back(ticket);
+        self.queue.push_back((ticket, None));
         Some(ticket)
     }
 
     /// Removes `ticket` from the queue; whether it was the head.
     pub(crate) fn leave(&mut self, ticket: u64) -> bool {
-        match self.queue.iter().position(|&t| t == ticket) {
+        match self.queue.iter().position(|&(t, _)| t == ticket) {
             Some(at) => {
                 self.queue.remove(at);
                 at == 0
             }
             None => false,
         }
+    }
+
+    /// Whether `ticket` is at the head, after keeping `waker` as its wake-up
+    /// (under the same lock as the look at the buckets, so no wake-up
+    /// between the look and the wait is lost).
+    pub(crate) fn register(&mut self, ticket: u64, waker: &Waker) -> bool {
+        let Some(at) = self.queue.iter().position(|&(t, _)| t == ticket) else {
+            return false;
+        };
+        let kept = &mut self.queue[at].1;
+        if !kept.as_ref().is_some_and(|kept| kept.will_wake(waker)) {
+            *kept = Some(waker.clone());
+        }
+        at == 0
     }
 
     /// Counts a wait that ended with the call going on.
