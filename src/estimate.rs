@@ -256,8 +256,7 @@ pub(crate) fn model_and_max_tokens(body: &[u8]) -> (Option<crate::Model>, Option
         return (None, None);
     };
     let model = model
-        .and_then(|at| json::string_at(body, at))
-        .and_then(|(name, _)| name.decode())
+        .and_then(|at| crate::model::name_at(body, at))
         .map(|name| crate::Model::from_name(&name));
     (model, max_tokens.and_then(|at| count_at(body, at)))
 }

@@ -430,6 +430,15 @@ impl RateLimits {
     /// assert_eq!(RateLimits::from_headers(&HeaderMap::new()), RateLimits::default());
     /// ```
     pub fn from_headers(headers: &HeaderMap) -> Self {
+        // One pass over the names first (it stops at the first match): an
+        // answer without these headers (another API, a mock, a proxy's own
+        // error) then costs no hashed lookup of the twelve names.
+        let any = headers
+            .keys()
+            .any(|name| name.as_str().starts_with("anthropic-ratelimit-"));
+        if !any {
+            return Self::default();
+        }
         let window = |names: &[HeaderName; 3]| RateLimitWindow {
             limit: headers.get(&names[0]).and_then(count),
             remaining: headers.get(&names[1]).and_then(count),

@@ -48,9 +48,12 @@ use crate::json;
 /// assert_eq!(extract(b"not json"), None);
 /// ```
 pub fn extract(body: &[u8]) -> Option<Cow<'_, str>> {
-    json::string_at(body, json::last_member(body, "model")?)?
-        .0
-        .decode()
+    name_at(body, json::last_member(body, "model")?)
+}
+
+/// The model name whose string value starts at `at`, escapes decoded.
+pub(crate) fn name_at(body: &[u8], at: usize) -> Option<Cow<'_, str>> {
+    json::string_at(body, at)?.0.decode()
 }
 
 /// `body` with the top-level `model` value replaced by `model`, every other
@@ -222,6 +225,15 @@ impl std::borrow::Borrow<str> for Model {
         self.as_str()
     }
 }
+
+/// The longest model name, in bytes, that a layer keying by model gives a
+/// state of its own (a slot, a set of buckets): real model names are far
+/// shorter, and a name chosen by a client must not make one state large.
+#[cfg_attr(
+    not(any(feature = "concurrency", feature = "pacing")),
+    allow(dead_code)
+)]
+pub(crate) const MAX_KEY_LEN: usize = 256;
 
 /// Bodies longer than this carry the model read from them as an extension
 /// (see [`of_request_carried`]); shorter ones are read again by each layer.

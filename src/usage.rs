@@ -85,12 +85,7 @@ impl Usage {
     /// keep whole reads what follows.
     #[cfg_attr(not(feature = "pacing"), allow(dead_code))]
     pub(crate) fn object_at(bytes: &[u8], at: usize) -> Option<Self> {
-        let skip = bytes
-            .get(at..)?
-            .iter()
-            .take_while(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
-            .count();
-        Self::from_object(bytes, at + skip)
+        Self::from_object(bytes, json::skip_ws(bytes, at))
     }
 
     /// The counts of the `usage` object starting at `at`.

@@ -37,9 +37,7 @@ pub(crate) struct Config {
 /// Name of the bucket that unknown keys share when every slot is busy.
 pub(crate) const OVERFLOW_KEY: &str = "<overflow>";
 
-/// The longest unknown key, in bytes, given a slot of its own: real model
-/// names are far shorter, and this bounds what one slot can hold.
-pub(crate) const MAX_KEY_LEN: usize = 256;
+pub(crate) use crate::model::MAX_KEY_LEN;
 
 /// Every key's state, created lazily and bounded in number.
 ///

@@ -49,8 +49,7 @@ impl std::fmt::Debug for Config {
 /// model, share.
 pub(crate) const OTHER_KEY: &str = "<other>";
 
-/// The longest learned key, in bytes, given a state of its own.
-const MAX_KEY_LEN: usize = 256;
+use crate::model::MAX_KEY_LEN;
 
 /// The three buckets, in the order of [`Amounts`].
 pub(crate) const BUCKETS: [&str; 3] = ["requests", "input-tokens", "output-tokens"];
@@ -228,14 +227,6 @@ impl KeyState {
     /// a rate-limited response with a server delay, pauses them all until
     /// then: every clone waits, not just the call that got the 429.
     pub(crate) fn observe(&self, headers: &HeaderMap, rate_limited: Option<Duration>) {
-        // One pass over the names first: most answers of other APIs, and
-        // every answer of a mock, carry none of these headers.
-        let any = headers
-            .keys()
-            .any(|name| name.as_str().starts_with("anthropic-ratelimit-"));
-        if rate_limited.is_none() && !any {
-            return;
-        }
         let limits = RateLimits::from_headers(headers);
         let windows = [limits.requests, limits.input_tokens, limits.output_tokens];
         if rate_limited.is_none() && windows.iter().all(RateLimitWindow::is_empty) {
