@@ -54,6 +54,9 @@ pub struct TokenBucket {
     capacity: f64,
     period: Duration,
     level: f64,
+    /// Tokens refilled per second: `capacity / period`, kept so that the
+    /// refill on every call does no division.
+    per_second: f64,
     updated: Instant,
     paused_until: Option<Instant>,
 }
@@ -70,10 +73,12 @@ impl TokenBucket {
     /// ```
     pub fn new(capacity: u64, period: Duration, now: Instant) -> Self {
         let capacity = capacity.max(1) as f64;
+        let period = period.max(Duration::from_millis(1));
         Self {
             capacity,
-            period: period.max(Duration::from_millis(1)),
+            period,
             level: capacity,
+            per_second: capacity / period.as_secs_f64(),
             updated: now,
             paused_until: None,
         }
@@ -100,14 +105,13 @@ impl TokenBucket {
         self.capacity as u64
     }
 
-    /// Tokens refilled per second.
-    fn rate(&self) -> f64 {
-        self.capacity / self.period.as_secs_f64()
-    }
-
     /// Brings the level up to `now`: refill since the last update, none
     /// while paused, never past the capacity.
     fn refill(&mut self, now: Instant) {
+        // Several operations at one instant (a check, then the take) refill once.
+        if now == self.updated && self.paused_until.is_none() {
+            return;
+        }
         let from = match self.paused_until {
             Some(until) if now < until => {
                 self.updated = now;
@@ -120,7 +124,7 @@ impl TokenBucket {
             None => self.updated,
         };
         let elapsed = now.saturating_duration_since(from).as_secs_f64();
-        self.level = (self.level + elapsed * self.rate()).min(self.capacity);
+        self.level = (self.level + elapsed * self.per_second).min(self.capacity);
         self.updated = self.updated.max(now);
     }
 
@@ -176,7 +180,7 @@ impl TokenBucket {
         // caller only to make it wait again).
         // Saturating: a bucket refilled over ages (a huge `period`) must
         // name a long wait, not panic.
-        let refill = Duration::try_from_secs_f64(missing.max(0.0) / self.rate()).map_or(
+        let refill = Duration::try_from_secs_f64(missing.max(0.0) / self.per_second).map_or(
             Duration::MAX,
             |refill| {
                 let millis = refill.as_nanos().div_ceil(1_000_000);
@@ -282,6 +286,7 @@ impl TokenBucket {
             if limit != self.capacity {
                 self.level = self.level / self.capacity * limit;
                 self.capacity = limit;
+                self.per_second = limit / self.period.as_secs_f64();
             }
         }
         if let Some(remaining) = window.remaining {

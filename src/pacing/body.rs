@@ -7,7 +7,6 @@ use std::task::{Context, Poll, ready};
 use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 
 use super::state::{KeyState, Settle};
 use crate::sync::lock;
@@ -209,7 +208,7 @@ impl Drop for Settler {
     fn drop(&mut self) {
         let usage = self.usage();
         let mut buckets = lock(&self.key.inner);
-        buckets.settle(&self.call, usage, Instant::now());
+        buckets.settle(&self.call, usage);
         self.key.wake(&buckets);
     }
 }

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Waker;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use http::HeaderMap;
 use tokio::time::Instant;
 
@@ -73,18 +74,22 @@ pub(crate) enum Short {
     TooLarge(&'static str),
 }
 
+/// Every key's state by name, a group's members included (each pointing at
+/// its group's state).
+type KeyMap = HashMap<Model, Arc<KeyState>, foldhash::fast::RandomState>;
+
 /// Every key's state.
 #[derive(Debug)]
 pub(crate) struct Pacer {
     pub(crate) config: Config,
-    table: Mutex<Table>,
+    /// What lookups read: the key map, published again whole after each new
+    /// key, read with no lock, so calls on several cores do not serialise on
+    /// a table. Keys are never removed (learned ones are bounded by
+    /// `max_keys`), so it is copied at most that many times.
+    published: ArcSwap<KeyMap>,
+    /// Taken to add a learned key; holds how many were learned.
+    learning: Mutex<usize>,
     other: Arc<KeyState>,
-}
-
-#[derive(Debug, Default)]
-struct Table {
-    map: HashMap<Model, Arc<KeyState>>,
-    learned: usize,
 }
 
 impl Pacer {
@@ -93,9 +98,24 @@ impl Pacer {
             Model::new(OTHER_KEY),
             PacingLimits::default(),
         ));
+        // Configured keys and groups exist from the start: their lookups
+        // never take the learning lock.
+        let mut map = KeyMap::default();
+        let groups = config.shares.values().chain(config.limits.keys());
+        for key in groups {
+            map.entry(key.clone()).or_insert_with(|| {
+                let limits = config.limits.get(key).copied().unwrap_or_default();
+                Arc::new(KeyState::new(key.clone(), limits))
+            });
+        }
+        for (member, group) in &config.shares {
+            let state = Arc::clone(&map[group]);
+            map.insert(member.clone(), state);
+        }
         Self {
             config,
-            table: Mutex::new(Table::default()),
+            published: ArcSwap::from_pointee(map),
+            learning: Mutex::new(0),
             other,
         }
     }
@@ -107,30 +127,44 @@ impl Pacer {
         let Some(model) = model else {
             return Arc::clone(&self.other);
         };
-        let key = self.config.shares.get(&model).cloned().unwrap_or(model);
-        let mut table = lock(&self.table);
-        if let Some(state) = table.map.get(&key) {
+        if let Some(state) = self.published.load().get(model.as_str()) {
             return Arc::clone(state);
         }
-        let configured = self.config.limits.get(&key).copied();
-        let grouped = self.config.shares.values().any(|group| *group == key);
-        if configured.is_none() && !grouped {
-            if table.learned >= self.config.max_keys
-                || key.as_str().len() > MAX_KEY_LEN
-                || key.as_str() == OTHER_KEY
-            {
-                return Arc::clone(&self.other);
-            }
-            table.learned += 1;
+        self.learn(model)
+    }
+
+    /// A name not seen yet: a key of its own while fewer than `max_keys`
+    /// were learned, else `<other>`.
+    #[cold]
+    fn learn(&self, model: Model) -> Arc<KeyState> {
+        let mut learned = lock(&self.learning);
+        let published = self.published.load_full();
+        if let Some(state) = published.get(model.as_str()) {
+            return Arc::clone(state);
         }
-        let state = Arc::new(KeyState::new(key.clone(), configured.unwrap_or_default()));
-        table.map.insert(key, Arc::clone(&state));
+        if *learned >= self.config.max_keys
+            || model.as_str().len() > MAX_KEY_LEN
+            || model.as_str() == OTHER_KEY
+        {
+            return Arc::clone(&self.other);
+        }
+        *learned += 1;
+        let state = Arc::new(KeyState::new(model.clone(), PacingLimits::default()));
+        let mut map = KeyMap::clone(&published);
+        map.insert(model, Arc::clone(&state));
+        self.published.store(Arc::new(map));
         state
     }
 
     pub(crate) fn snapshot(&self) -> Vec<PacingSnapshot> {
-        let mut states: Vec<Arc<KeyState>> = lock(&self.table).map.values().cloned().collect();
-        states.push(Arc::clone(&self.other));
+        let published = self.published.load_full();
+        // A group's members point at its state: each state once, by its own name.
+        let mut states: Vec<&Arc<KeyState>> = published
+            .iter()
+            .filter(|(name, state)| **name == state.key)
+            .map(|(_, state)| state)
+            .collect();
+        states.push(&self.other);
         let now = Instant::now();
         let mut snapshots: Vec<PacingSnapshot> = states
             .iter()
@@ -407,9 +441,11 @@ impl Buckets {
 
     /// Corrects a call's reservations with the usage it reported; `None`
     /// (nothing known) keeps them, which errs on the safe side.
-    pub(crate) fn settle(&mut self, call: &Settle, usage: Option<Usage>, now: Instant) {
+    pub(crate) fn settle(&mut self, call: &Settle, usage: Option<Usage>) {
         self.unreserve(call.amounts);
         let Some(usage) = usage else { return };
+        // Read only here: most settles (a body dropped unread) need no clock.
+        let now = Instant::now();
         if usage.input_tokens.is_some() {
             let charged = usage.input_charged();
             if let (Some(bucket), Some(taken)) = (&mut self.buckets[1], call.taken.0[1]) {
