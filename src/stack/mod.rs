@@ -7,8 +7,10 @@
 //!                             spent, or while it is cooling down
 //!   OverloadRetryLayer        the one retry loop in the stack; sleeping between
 //!                             attempts holds no concurrency permit
-//!    ConcurrencyPerModelLayer a permit per attempt, held until the response body ends
-//!     the HTTP client
+//!    RateLimitPacingLayer     (feature `pacing`) every attempt waits here for
+//!                             rate-limit budget, holding no permit
+//!     ConcurrencyPerModelLayer a permit per attempt, held until the response body ends
+//!      the HTTP client
 //! ```
 //!
 //! Why this order: logging outermost sees the call as the caller does (one
@@ -20,6 +22,16 @@
 //! concurrency cap means a call waiting out its backoff does not occupy a
 //! slot that another call could use; inside, a storm would fill every slot
 //! with sleepers. The cap innermost counts exactly what the upstream sees.
+//!
+//! Pacing sits between the two. Inside the retry layer, every attempt is
+//! paced (a retry spends rate-limit budget as the first attempt does) and
+//! every attempt's response reaches the pacer, so a 429 that the retry
+//! layer absorbs still pauses the model for every other call. Outside the
+//! cap, a call waiting for budget holds no concurrency slot; and since the
+//! wait happens before anything is sent, it spends no retry: a call that
+//! waits too long fails with [`PacingTimeout`](crate::ErrorKind::PacingTimeout),
+//! which the retry layer passes on instead of retrying (the wait already
+//! was the backoff), and the wait counts against the call's deadline.
 //!
 //! ```
 //! # #[cfg(all(feature = "retry", feature = "concurrency", feature = "fallback", feature = "request-id"))]
@@ -53,6 +65,8 @@ use tower_layer::Stack;
 use crate::concurrency::ConcurrencyPerModelLayer;
 #[cfg(feature = "fallback")]
 use crate::fallback::{FallbackStep, ModelFallbackLayer};
+#[cfg(feature = "pacing")]
+use crate::pacing::RateLimitPacingLayer;
 #[cfg(feature = "request-id")]
 use crate::request_id::RequestIdLogLayer;
 #[cfg(feature = "retry")]
@@ -151,6 +165,20 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed {
         self,
         layer: ConcurrencyPerModelLayer,
     ) -> ServiceBuilder<Stack<ConcurrencyPerModelLayer, L>>;
+    /// Adds a [`RateLimitPacingLayer`].
+    ///
+    /// ```
+    /// use tower::ServiceBuilder;
+    /// use tower_overload::stack::ServiceBuilderExt;
+    /// # use tower_overload::pacing::RateLimitPacingLayer;
+    /// let builder = ServiceBuilder::new().rate_limit_pacing(RateLimitPacingLayer::new());
+    /// ```
+    #[cfg(feature = "pacing")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "pacing")))]
+    fn rate_limit_pacing(
+        self,
+        layer: RateLimitPacingLayer,
+    ) -> ServiceBuilder<Stack<RateLimitPacingLayer, L>>;
     /// Adds the whole [`OverloadStack`].
     ///
     /// ```
@@ -207,6 +235,14 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self,
         layer: ConcurrencyPerModelLayer,
     ) -> ServiceBuilder<Stack<ConcurrencyPerModelLayer, L>> {
+        self.layer(layer)
+    }
+
+    #[cfg(feature = "pacing")]
+    fn rate_limit_pacing(
+        self,
+        layer: RateLimitPacingLayer,
+    ) -> ServiceBuilder<Stack<RateLimitPacingLayer, L>> {
         self.layer(layer)
     }
 

@@ -1,25 +1,36 @@
-//! [`OverloadStack`]: the four layers in one value (all four features).
+//! [`OverloadStack`]: the four layers in one value (all four features), and
+//! the pacing layer with the `pacing` feature.
 
 use tower_layer::Layer;
 
 use crate::body::PeekedBody;
 use crate::concurrency::{ConcurrencyPerModel, ConcurrencyPerModelLayer, PermitBody};
 use crate::fallback::{FallbackStep, ModelFallback, ModelFallbackLayer};
+#[cfg(feature = "pacing")]
+use crate::pacing::{PacedBody, RateLimitPacing, RateLimitPacingLayer};
 use crate::request_id::{OverloadStats, RequestIdLog, RequestIdLogLayer};
 use crate::retry::{OverloadRetry, OverloadRetryLayer, RetryPolicy};
 
-/// The recommended stack: log, fallback, retry, per-model concurrency.
+/// The recommended stack: log, fallback, retry, (pacing,) per-model concurrency.
 ///
 /// Defaults: logging on, no fallback chain (fallback is opt-in: switching
 /// models changes answers), [`RetryPolicy::foreground`], 16 calls in flight
 /// per model. Without a chain the fallback layer is a pass-through that
 /// reads nothing and allocates nothing, so leaving it in the type costs no
 /// more than leaving it out.
+///
+/// With the `pacing` feature the stack also paces every attempt under the
+/// organisation's rate limits ([`RateLimitPacingLayer::new`]: no limit
+/// configured, each learned from the first response's
+/// `anthropic-ratelimit-*` headers, and a 429 pauses the model for every
+/// clone); set limits up front with [`OverloadStack::pacing`].
 #[derive(Debug, Clone)]
 pub struct OverloadStack {
     log: RequestIdLogLayer,
     fallback: ModelFallbackLayer,
     retry: RetryPolicy,
+    #[cfg(feature = "pacing")]
+    pacing: RateLimitPacingLayer,
     concurrency: ConcurrencyPerModelLayer,
 }
 
@@ -41,8 +52,29 @@ impl OverloadStack {
             log: RequestIdLogLayer::new(),
             fallback: ModelFallbackLayer::new(Vec::<FallbackStep>::new()),
             retry: RetryPolicy::foreground(),
+            #[cfg(feature = "pacing")]
+            pacing: RateLimitPacingLayer::new(),
             concurrency: ConcurrencyPerModelLayer::new(16),
         }
+    }
+
+    /// The rate-limit pacing layer (feature `pacing`).
+    ///
+    /// ```
+    /// # use tower_overload::{pacing::{PacingLimits, RateLimitPacingLayer}, stack::OverloadStack};
+    /// let tier_1 = PacingLimits {
+    ///     requests_per_minute: Some(50),
+    ///     input_tokens_per_minute: Some(30_000),
+    ///     output_tokens_per_minute: Some(8_000),
+    /// };
+    /// let stack = OverloadStack::new()
+    ///     .pacing(RateLimitPacingLayer::new().limits_for("claude-opus-4-6", tier_1));
+    /// ```
+    #[cfg(feature = "pacing")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "pacing")))]
+    pub fn pacing(mut self, layer: RateLimitPacingLayer) -> Self {
+        self.pacing = layer;
+        self
     }
 
     /// The retry policy.
@@ -103,12 +135,27 @@ impl OverloadStack {
     }
 }
 
+/// What the retry layer wraps: pacing over the concurrency cap with the
+/// `pacing` feature, the cap alone without.
+#[cfg(feature = "pacing")]
+type Attempts<S> = RateLimitPacing<ConcurrencyPerModel<S>>;
+#[cfg(not(feature = "pacing"))]
+type Attempts<S> = ConcurrencyPerModel<S>;
+
+/// The body around the client's body `B` below the retry layer.
+#[cfg(feature = "pacing")]
+type AttemptBody<B> = PacedBody<PermitBody<B>>;
+#[cfg(not(feature = "pacing"))]
+type AttemptBody<B> = PermitBody<B>;
+
 /// The service [`OverloadStack`] makes.
-pub type OverloadService<S> = RequestIdLog<ModelFallback<OverloadRetry<ConcurrencyPerModel<S>>>>;
+pub type OverloadService<S> = RequestIdLog<ModelFallback<OverloadRetry<Attempts<S>>>>;
 
 /// The body of the responses an [`OverloadService`] gives, around the
 /// client's response body `B`: what the retry layer peeked, then the rest,
-/// holding the call's concurrency permit until it ends.
+/// holding the call's concurrency permit until it ends (and, with the
+/// `pacing` feature, settling its rate-limit reservations with the usage
+/// it reports).
 ///
 /// ```
 /// use http_body_util::Full;
@@ -116,13 +163,15 @@ pub type OverloadService<S> = RequestIdLog<ModelFallback<OverloadRetry<Concurren
 /// use tower_overload::stack::OverloadBody;
 /// fn read_later(_response: http::Response<OverloadBody<Full<Bytes>>>) {}
 /// ```
-pub type OverloadBody<B> = PeekedBody<PermitBody<B>>;
+pub type OverloadBody<B> = PeekedBody<AttemptBody<B>>;
 
 impl<S> Layer<S> for OverloadStack {
     type Service = OverloadService<S>;
 
     fn layer(&self, client: S) -> Self::Service {
         let concurrent = self.concurrency.layer(client);
+        #[cfg(feature = "pacing")]
+        let concurrent = self.pacing.layer(concurrent);
         let retrying = OverloadRetryLayer::new(self.retry.clone()).layer(concurrent);
         let falling_back = self.fallback.layer(retrying);
         self.log.layer(falling_back)
