@@ -1,0 +1,1 @@
+//! The health monitor against a scripted status page and the loopback mock.
