@@ -434,9 +434,18 @@ async fn no_reading_while_the_rate_is_low_beyond_the_idle_setting() {
     status.set_default(Reply::raw(200, operational()));
     let upstream = MockUpstream::start().await;
     upstream.set_default(Reply::ok());
-    for (idle, expected) in [(None, 0), (Some(Duration::from_secs(60)), 5)] {
+    // The default reads nothing while all is well; once a minute reads once a minute.
+    let configs = [
+        (HealthConfig::default(), 0),
+        (
+            HealthConfig::default().idle_poll_interval(Some(Duration::from_secs(60))),
+            5,
+        ),
+    ];
+    for (config, expected) in configs {
         let reads_before = status.request_count();
-        let monitor = monitor(&status, HealthConfig::default().idle_poll_interval(idle));
+        let idle = config.clone();
+        let monitor = monitor(&status, config);
         let service = retrying(one_attempt(&monitor));
         // A call every 10 s for 5 minutes, all successes.
         for _ in 0..30 {
