@@ -376,6 +376,17 @@ async fn a_probe_overloaded_too_says_capacity_event() {
         error.to_string().contains("was overloaded too at "),
         "{error}"
     );
+    // A failure returned as a response carries the verdict as an extension.
+    let policy = one_attempt(&monitor).final_failure(FinalFailure::Response);
+    let response = retrying(policy)
+        .oneshot(messages_request(&upstream, OPUS))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 529);
+    assert!(matches!(
+        response.extensions().get::<Verdict>(),
+        Some(Verdict::CapacityEvent { .. })
+    ));
     assert_eq!(probes(&upstream).len(), 1);
 }
 

@@ -512,6 +512,18 @@ impl<B: ReplayableBody> Call<B> {
             None => body,
         };
         let mut response = Response::from_parts(parts, body);
+        // A failure returned as a response carries the verdict as an
+        // extension, as a typed error carries it in its message.
+        #[cfg(feature = "health")]
+        if stop.is_some_and(|stop| stop != StopReason::Success)
+            && let Some(monitor) = &self.policy.health
+            && let Some(model) = self.model()
+        {
+            let verdict = monitor.verdict_for(model.as_str());
+            if !verdict.is_unknown() {
+                response.extensions_mut().insert(verdict);
+            }
+        }
         if let Some(stop) = stop {
             let report = self.report(stop);
             response.extensions_mut().insert(report);

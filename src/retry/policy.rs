@@ -577,8 +577,11 @@ impl RetryPolicy {
     /// Tells `monitor` the outcome of every attempt (its model, its class
     /// and, for a probe to copy, its endpoint and key), and attaches the
     /// monitor's verdict for the model to every [`Error`](crate::Error)
-    /// the layer returns. Off by default; without a monitor the layer does
-    /// none of this work.
+    /// the layer returns, and to a failed response it returns as it came
+    /// ([`FinalFailure::Response`]) as a
+    /// [`Verdict`](crate::health::Verdict) extension, when the verdict is
+    /// known. Off by default; without a monitor the layer does none of this
+    /// work.
     ///
     /// ```
     /// use tower_overload::health::{HealthConfig, HealthMonitor};
