@@ -391,6 +391,34 @@ async fn a_probe_overloaded_too_says_capacity_event() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_declared_incident_stops_the_probes_of_its_model() {
+    let status = MockUpstream::start().await;
+    let incident = r#"{"name":"Elevated errors on Claude Opus 4.6","status":"identified","started_at":"2026-11-23T12:03:00Z"}"#;
+    status.set_default(Reply::raw(200, page("", incident)));
+    let upstream = MockUpstream::start().await;
+    upstream.set_default(Reply::overloaded());
+    let monitor = monitor(
+        &status,
+        HealthConfig::default().probe(Some(Probe::default())),
+    );
+    let service = retrying(one_attempt(&monitor));
+    // The first raise reads the page and probes at once (nothing is known yet).
+    calls(&service, 20, || messages_request(&upstream, OPUS)).await;
+    settle(|| monitor.last_check().is_some() && monitor.last_probe(OPUS).is_some()).await;
+    assert!(
+        monitor.verdict_for(OPUS).is_incident(),
+        "the page wins over the probe"
+    );
+    // Intervals later, the incident is still declared: no more probes.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        calls(&service, 20, || messages_request(&upstream, OPUS)).await;
+    }
+    settle(|| status.request_count() == 6).await;
+    assert_eq!(probes(&upstream).len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_probe_is_off_by_default() {
     let status = MockUpstream::start().await;
     status.set_default(Reply::raw(200, operational()));

@@ -407,7 +407,7 @@ impl HealthMonitor {
     pub async fn check_now(&self) -> StatusCheck {
         let config = &self.shared.config;
         let result = match &config.status_page {
-            None => Err(HealthError::NoTemplate),
+            None => Err(HealthError::NoStatusPage),
             Some(uri) => {
                 let mut request = Request::new(Full::new(Bytes::new()));
                 *request.uri_mut() = uri.clone();

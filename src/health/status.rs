@@ -43,6 +43,8 @@ pub enum HealthError {
     Malformed(String),
     /// No tokio runtime to run the check on.
     NoRuntime,
+    /// No status page is configured.
+    NoStatusPage,
     /// A probe has no request to copy: no template was given and no call
     /// has been seen for the model yet.
     NoTemplate,
@@ -57,6 +59,7 @@ impl fmt::Display for HealthError {
             Self::BodyTooLarge(cap) => write!(f, "body larger than {cap} bytes"),
             Self::Malformed(message) => write!(f, "not a status page summary: {message}"),
             Self::NoRuntime => f.write_str("no tokio runtime to run on"),
+            Self::NoStatusPage => f.write_str("no status page is configured"),
             Self::NoTemplate => f.write_str("no request to copy for the probe"),
         }
     }

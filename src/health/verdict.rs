@@ -213,14 +213,15 @@ const FAMILIES: [&str; 3] = ["opus", "sonnet", "haiku"];
 /// family at all. Text that names only other families, or other products
 /// (claude.ai, the console), does not.
 fn covers(text: &str, family: Option<&str>) -> bool {
+    // Whole words: "rapid" does not name the API, "opuses" no family.
     let text = text.to_ascii_lowercase();
-    let named: Vec<&str> = FAMILIES
-        .iter()
-        .copied()
-        .filter(|f| text.contains(f))
-        .collect();
+    let names = |word: &str| {
+        text.split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|token| token == word)
+    };
+    let named: Vec<&str> = FAMILIES.iter().copied().filter(|f| names(f)).collect();
     if named.is_empty() {
-        return text.contains("api");
+        return names("api");
     }
     family.is_some_and(|family| named.contains(&family))
 }
@@ -241,7 +242,10 @@ fn covers(text: &str, family: Option<&str>) -> bool {
 /// ```
 pub fn page_verdict(model: &str, summary: &StatusSummary) -> Option<Verdict> {
     let lower = model.to_ascii_lowercase();
-    let family = FAMILIES.iter().copied().find(|f| lower.contains(f));
+    let family = FAMILIES
+        .iter()
+        .copied()
+        .find(|f| lower.split('-').any(|part| part == *f));
     let incident = summary.incidents.iter().find(|incident| {
         covers(&incident.name, family)
             || incident
@@ -357,6 +361,10 @@ mod tests {
         assert!(
             !covers("Claude Opus", None),
             "an unknown model's family is not guessed"
+        );
+        assert!(
+            !covers("Rapidly rising errors on claude.ai", None),
+            "whole words only"
         );
     }
 }
