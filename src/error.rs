@@ -114,6 +114,8 @@ struct Inner {
     bucket: Option<&'static str>,
     wait: Option<Duration>,
     source: Option<BoxError>,
+    #[cfg(feature = "health")]
+    verdict: Option<crate::health::Verdict>,
     /// Made by [`Error::from_inner`] around a foreign error, with no
     /// context of its own: a layer outside may unwrap it again.
     wrapper: bool,
@@ -143,6 +145,8 @@ impl Error {
                 bucket: None,
                 wait: None,
                 source: None,
+                #[cfg(feature = "health")]
+                verdict: None,
                 wrapper: false,
             }),
         }
@@ -307,6 +311,49 @@ impl Error {
     /// ```
     pub fn wait(&self) -> Option<Duration> {
         self.inner.wait
+    }
+
+    /// Sets what the [health monitor](crate::health) says is behind the
+    /// failure; the message then says it too. An
+    /// [`Unknown`](crate::health::Verdict::Unknown) verdict is not kept.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tower_overload::{Error, ErrorKind, classify::Class, health::Verdict};
+    ///
+    /// let at = SystemTime::UNIX_EPOCH + Duration::from_secs(12 * 3600 + 5 * 60 + 10);
+    /// let error = Error::new(ErrorKind::RetriesExhausted)
+    ///     .with_class(Class::Overloaded)
+    ///     .with_verdict(Verdict::LocalPressure { probe_at: at });
+    /// assert!(error.verdict().is_some());
+    /// assert_eq!(
+    ///     error.to_string(),
+    ///     "Claude API overloaded; a minimal probe to the same model succeeded at 12:05:10Z: \
+    ///      this looks like local pressure, lower your concurrency"
+    /// );
+    /// ```
+    #[cfg(feature = "health")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "health")))]
+    pub fn with_verdict(mut self, verdict: crate::health::Verdict) -> Self {
+        self.inner.verdict = (!verdict.is_unknown()).then_some(verdict);
+        if self.inner.verdict.is_some() {
+            // Context was added: a layer outside must not unwrap it away.
+            self.inner.wrapper = false;
+        }
+        self
+    }
+
+    /// What the [health monitor](crate::health) said was behind the
+    /// failure, when one was set and knew.
+    ///
+    /// ```
+    /// # use tower_overload::{Error, ErrorKind};
+    /// assert!(Error::new(ErrorKind::QueueFull).verdict().is_none());
+    /// ```
+    #[cfg(feature = "health")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "health")))]
+    pub fn verdict(&self) -> Option<&crate::health::Verdict> {
+        self.inner.verdict.as_ref()
     }
 
     /// Sets the underlying error.
@@ -479,6 +526,16 @@ impl Error {
     }
 
     fn advice(&self) -> Option<&'static str> {
+        #[cfg(feature = "health")]
+        if let Some(verdict) = &self.inner.verdict
+            && self.inner.class == Some(Class::Overloaded)
+        {
+            // The verdict says which of the generic advice's remedies applies.
+            return match verdict {
+                crate::health::Verdict::LocalPressure { .. } => None,
+                other => other.advice(),
+            };
+        }
         Some(match (self.inner.kind, self.inner.class) {
             (ErrorKind::QueueFull | ErrorKind::QueueTimeout, _) => {
                 "nothing was sent; shed the call or queue it durably"
@@ -590,6 +647,10 @@ impl fmt::Display for Error {
             (Some(bucket), None) => write!(f, "; exceeds the whole {bucket} bucket")?,
             _ => {}
         }
+        #[cfg(feature = "health")]
+        if let Some(verdict) = &inner.verdict {
+            write!(f, "; {verdict}")?;
+        }
         if let Some(id) = &inner.request_id {
             write!(f, "; request-id {id}")?;
         }
@@ -651,6 +712,10 @@ impl fmt::Debug for Error {
         }
         if let Some(source) = &inner.source {
             debug.field("source", source);
+        }
+        #[cfg(feature = "health")]
+        if let Some(verdict) = &inner.verdict {
+            debug.field("verdict", verdict);
         }
         debug.finish()
     }

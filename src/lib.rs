@@ -29,6 +29,9 @@
 //!      the 529-rate health signal;
 //!    - `pacing` (opt-in feature): `RateLimitPacingLayer`, pacing under the
 //!      organisation's RPM, input-TPM and output-TPM limits;
+//!    - `health` (opt-in feature): `HealthMonitor`, which reads the status
+//!      page and probes a model when its 529 rate rises, and tells an
+//!      incident from local pressure in every error;
 //!    - [`stack`]: all four in the recommended order (log, fallback, retry,
 //!      concurrency, client) and a `ServiceBuilderExt`.
 //!
@@ -116,6 +119,7 @@
 //! | `fallback` | yes | [`ModelFallbackLayer`] |
 //! | `request-id` | yes | [`RequestIdLogLayer`], `OverloadStats` |
 //! | `pacing` | no | `RateLimitPacingLayer`: waits for rate-limit budget instead of collecting 429s |
+//! | `health` | no | `health::HealthMonitor`: status page poller, controlled probe, incident-or-local-pressure verdict in errors |
 //! | `hyper-util` | no | precise classification of hyper-util's client errors |
 //! | `reqwest` | no | a `tower::Service` over `reqwest::Client`, and a classifier of reqwest's errors |
 //! | `reqwest-middleware` | no | the crate's layers as a `reqwest_middleware::Middleware` |
@@ -148,6 +152,9 @@ pub mod estimate;
 #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
 pub mod fallback;
 pub mod headers;
+#[cfg(feature = "health")]
+#[cfg_attr(docsrs, doc(cfg(feature = "health")))]
+pub mod health;
 mod json;
 pub mod model;
 #[cfg(feature = "pacing")]

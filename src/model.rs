@@ -230,7 +230,7 @@ impl std::borrow::Borrow<str> for Model {
 /// state of its own (a slot, a set of buckets): real model names are far
 /// shorter, and a name chosen by a client must not make one state large.
 #[cfg_attr(
-    not(any(feature = "concurrency", feature = "pacing")),
+    not(any(feature = "concurrency", feature = "pacing", feature = "health")),
     allow(dead_code)
 )]
 pub(crate) const MAX_KEY_LEN: usize = 256;

@@ -38,6 +38,12 @@ impl RequestTemplate {
     pub(crate) fn extensions(&self) -> &Extensions {
         &self.extensions
     }
+
+    /// The head a health probe copies (its endpoint and key).
+    #[cfg(all(feature = "health", feature = "retry"))]
+    pub(crate) fn head(&self) -> (&Uri, &HeaderMap) {
+        (&self.uri, &self.headers)
+    }
 }
 
 /// Fixes the framing headers of a request whose body was changed to `len`

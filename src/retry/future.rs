@@ -198,7 +198,17 @@ impl<B: ReplayableBody> Call<B> {
         }
     }
 
+    /// Tells the health monitor, when one is set, of an attempt's outcome.
+    #[cfg(feature = "health")]
+    fn tell_health(&self, class: Class) {
+        if let Some(monitor) = &self.policy.health {
+            monitor.observe(self.model().as_ref(), class, Some(self.template.head()));
+        }
+    }
+
     fn decide(&mut self, verdict: Classification, server_delay: Option<Duration>) -> Decision {
+        #[cfg(feature = "health")]
+        self.tell_health(verdict.class);
         // Defect 12: the model's breaker (fallback layer outside) hears of every
         // failed attempt, and a call stops retrying a model it has opened for.
         if let Some(signal) = self.template.extensions().get::<BreakerSignal>() {
@@ -385,6 +395,10 @@ impl<B: ReplayableBody> Call<B> {
             error = error.with_server_delay(delay);
         }
         if let Some(model) = self.model() {
+            #[cfg(feature = "health")]
+            if let Some(monitor) = &self.policy.health {
+                error = error.with_verdict(monitor.verdict_for(model.as_str()));
+            }
             error = error.with_model(model);
         }
         if let Some(status) = self.records.last().and_then(|last| last.status) {
@@ -411,6 +425,8 @@ impl<B: ReplayableBody> Call<B> {
         R: Body,
     {
         if !verdict.class.is_failure() {
+            #[cfg(feature = "health")]
+            self.tell_health(verdict.class);
             self.refill_quota();
             // A first try that succeeded leaves no report: its absence says
             // "one attempt, success", and the common path allocates nothing.
@@ -496,6 +512,18 @@ impl<B: ReplayableBody> Call<B> {
             None => body,
         };
         let mut response = Response::from_parts(parts, body);
+        // A failure returned as a response carries the verdict as an
+        // extension, as a typed error carries it in its message.
+        #[cfg(feature = "health")]
+        if stop.is_some_and(|stop| stop != StopReason::Success)
+            && let Some(monitor) = &self.policy.health
+            && let Some(model) = self.model()
+        {
+            let verdict = monitor.verdict_for(model.as_str());
+            if !verdict.is_unknown() {
+                response.extensions_mut().insert(verdict);
+            }
+        }
         if let Some(stop) = stop {
             let report = self.report(stop);
             response.extensions_mut().insert(report);

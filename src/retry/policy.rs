@@ -106,6 +106,8 @@ pub struct RetryPolicy {
     pub(crate) stream_guard: Option<StreamGuard>,
     pub(crate) error_classifier: Arc<dyn ClassifyError>,
     pub(crate) seeds: Arc<SeedSource>,
+    #[cfg(feature = "health")]
+    pub(crate) health: Option<crate::health::HealthMonitor>,
 }
 
 /// Seeds one RNG per call: reproducible when seeded, different for every call.
@@ -208,6 +210,8 @@ impl RetryPolicy {
             stream_guard: None,
             error_classifier: Arc::new(DefaultErrorClassifier),
             seeds: Arc::new(SeedSource::from_entropy()),
+            #[cfg(feature = "health")]
+            health: None,
         }
     }
 
@@ -570,6 +574,45 @@ impl RetryPolicy {
         self
     }
 
+    /// Tells `monitor` the outcome of every attempt (its model, its class
+    /// and, for a probe to copy, its endpoint and key), and attaches the
+    /// monitor's verdict for the model to every [`Error`](crate::Error)
+    /// the layer returns, and to a failed response it returns as it came
+    /// ([`FinalFailure::Response`]) as a
+    /// [`Verdict`](crate::health::Verdict) extension, when the verdict is
+    /// known. Off by default; without a monitor the layer does none of this
+    /// work.
+    ///
+    /// ```
+    /// use tower_overload::health::{HealthConfig, HealthMonitor};
+    /// use tower_overload::retry::RetryPolicy;
+    /// # let client = tower::service_fn(|_r: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+    /// # });
+    ///
+    /// let monitor = HealthMonitor::new(client, HealthConfig::default());
+    /// let policy = RetryPolicy::foreground().health(monitor);
+    /// assert!(policy.get_health().is_some());
+    /// ```
+    #[cfg(feature = "health")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "health")))]
+    pub fn health(mut self, monitor: crate::health::HealthMonitor) -> Self {
+        self.health = Some(monitor);
+        self
+    }
+
+    /// The health monitor told of every attempt, if one is set.
+    ///
+    /// ```
+    /// # use tower_overload::retry::RetryPolicy;
+    /// assert!(RetryPolicy::foreground().get_health().is_none());
+    /// ```
+    #[cfg(feature = "health")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "health")))]
+    pub fn get_health(&self) -> Option<&crate::health::HealthMonitor> {
+        self.health.as_ref()
+    }
+
     /// The settings for `class`; `None` for a success or a client error.
     ///
     /// ```
@@ -603,7 +646,8 @@ impl RetryPolicy {
 
 impl fmt::Debug for RetryPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RetryPolicy")
+        let mut debug = f.debug_struct("RetryPolicy");
+        debug
             .field("overloaded", &self.overloaded)
             .field("rate_limited", &self.rate_limited)
             .field("server_error", &self.server_error)
@@ -621,7 +665,9 @@ impl fmt::Debug for RetryPolicy {
             .field("retry_count_header", &self.retry_count_header)
             .field("sniff_timeout", &self.sniff_timeout)
             .field("stream_guard", &self.stream_guard)
-            .field("error_classifier", &self.error_classifier)
-            .finish_non_exhaustive()
+            .field("error_classifier", &self.error_classifier);
+        #[cfg(feature = "health")]
+        debug.field("health", &self.health);
+        debug.finish_non_exhaustive()
     }
 }
