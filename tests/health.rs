@@ -590,3 +590,105 @@ async fn a_hundred_thousand_model_names_do_not_grow_memory() {
         ProbeOutcome::Failed(HealthError::NoTemplate)
     ));
 }
+
+/// A concurrency layer that adapts (limit `max`), with or without the monitor.
+fn adaptive(
+    max: usize,
+    monitor: Option<&HealthMonitor>,
+) -> tower_overload::concurrency::ConcurrencyPerModelLayer {
+    let layer = tower_overload::concurrency::ConcurrencyPerModelLayer::new(max)
+        .adaptive(tower_overload::concurrency::Aimd::default());
+    match monitor {
+        Some(monitor) => layer.health(monitor.clone()),
+        None => layer,
+    }
+}
+
+/// One call through `layer` to `upstream` answering `reply`, body read.
+async fn one_call(
+    layer: &tower_overload::concurrency::ConcurrencyPerModelLayer,
+    upstream: &MockUpstream,
+    reply: Reply,
+) {
+    use http_body_util::BodyExt;
+    use tower::Layer;
+    upstream.push([reply]);
+    let response = layer
+        .layer(client())
+        .oneshot(messages_request(upstream, OPUS))
+        .await
+        .unwrap();
+    response.into_body().collect().await.unwrap();
+}
+
+fn limit_of(layer: &tower_overload::concurrency::ConcurrencyPerModelLayer) -> usize {
+    layer.snapshot()[0].limit
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_local_pressure_the_adaptive_limit_shrinks_harder() {
+    let status = MockUpstream::start().await;
+    status.set_default(Reply::raw(200, operational()));
+    let upstream = MockUpstream::start().await;
+    upstream.push((0..20).map(|_| Reply::overloaded()));
+    let monitor = monitor(
+        &status,
+        HealthConfig::default().probe(Some(Probe::default())),
+    );
+    let service = retrying(one_attempt(&monitor));
+    calls(&service, 20, || messages_request(&upstream, OPUS)).await;
+    settle(|| monitor.last_probe(OPUS).is_some()).await;
+    assert!(matches!(
+        monitor.verdict_for(OPUS),
+        Verdict::LocalPressure { .. }
+    ));
+    let told = adaptive(16, Some(&monitor));
+    let untold = adaptive(16, None);
+    for layer in [&told, &untold] {
+        one_call(layer, &upstream, Reply::overloaded()).await;
+    }
+    assert_eq!(
+        limit_of(&untold),
+        14,
+        "one shrink by 0.9, at least one permit"
+    );
+    assert_eq!(
+        limit_of(&told),
+        12,
+        "two shrinks: lowering concurrency is the fix"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn during_a_declared_incident_the_adaptive_limit_does_not_grow_back() {
+    let status = MockUpstream::start().await;
+    let incident = r#"{"id":"i","name":"Elevated errors on Claude Opus 4.6","status":"investigating","impact":"major",
+        "created_at":"2026-11-23T12:04:00.000Z","started_at":"2026-11-23T12:03:00.000Z","resolved_at":null,
+        "shortlink":"https://stspg.io/x","page_id":"p","incident_updates":[],
+        "components":[{"id":"o","name":"Claude Opus 4.6","status":"major_outage"}]}"#;
+    status.set_default(Reply::raw(
+        200,
+        page(&component("Claude Opus 4.6", "major_outage"), incident),
+    ));
+    let upstream = MockUpstream::start().await;
+    let monitor = monitor(&status, HealthConfig::default());
+    monitor.check_now().await;
+    assert!(matches!(
+        monitor.verdict_for(OPUS),
+        Verdict::Incident { .. }
+    ));
+    let told = adaptive(2, Some(&monitor));
+    let untold = adaptive(2, None);
+    for layer in [&told, &untold] {
+        one_call(layer, &upstream, Reply::overloaded()).await;
+        assert_eq!(limit_of(layer), 1);
+        one_call(layer, &upstream, Reply::ok()).await;
+    }
+    assert_eq!(limit_of(&untold), 2, "a success grows the limit back");
+    assert_eq!(limit_of(&told), 1, "not into a declared incident");
+    // Once the page clears, the limit grows again.
+    status.set_default(Reply::raw(200, operational()));
+    monitor.check_now().await;
+    one_call(&told, &upstream, Reply::ok()).await;
+    assert_eq!(limit_of(&told), 2);
+}

@@ -79,10 +79,15 @@ impl AdaptiveLimit {
         self.limit()
     }
 
+    /// Whether a success with `in_flight` calls running raises the limit.
+    pub(crate) fn would_grow(&self, in_flight: usize) -> bool {
+        let limit = self.limit();
+        in_flight * 2 >= limit && limit < self.max
+    }
+
     /// After a success with `in_flight` calls running: the new enforced limit.
     pub(crate) fn on_success(&mut self, in_flight: usize) -> usize {
-        let limit = self.limit();
-        if in_flight * 2 >= limit && limit < self.max {
+        if self.would_grow(in_flight) {
             self.estimate = (self.estimate.floor() + 1.0).min(self.max as f64);
         }
         self.limit()

@@ -249,10 +249,29 @@ fn adapt<R>(key: &KeyState, response: &Response<R>, limits: &Limits) {
     let Some(aimd) = &limits.config.adaptive else {
         return;
     };
+    #[cfg(feature = "health")]
+    let verdict = || {
+        use crate::health::Verdict;
+        limits
+            .config
+            .health
+            .as_ref()
+            .map_or(Verdict::Unknown, |health| {
+                health.verdict_for(key.key.as_str())
+            })
+    };
+    #[cfg(feature = "health")]
+    let local_pressure = || matches!(verdict(), crate::health::Verdict::LocalPressure { .. });
+    #[cfg(not(feature = "health"))]
+    let local_pressure = || false;
+    #[cfg(feature = "health")]
+    let no_incident = || !matches!(verdict(), crate::health::Verdict::Incident { .. });
+    #[cfg(not(feature = "health"))]
+    let no_incident = || true;
     match classify::classify(response.status(), response.headers(), None).class {
-        Class::Overloaded => key.on_overload(),
-        Class::RateLimited if aimd.on_rate_limit => key.on_overload(),
-        Class::Success => key.on_success(),
+        Class::Overloaded => key.on_overload(local_pressure()),
+        Class::RateLimited if aimd.on_rate_limit => key.on_overload(false),
+        Class::Success => key.on_success(no_incident),
         _ => {}
     }
 }

@@ -55,6 +55,8 @@ impl ConcurrencyPerModelLayer {
                 adaptive: None,
                 default_key: Model::new("<default>"),
                 max_keys: 64,
+                #[cfg(feature = "health")]
+                health: None,
             },
             key_fn: ModelKey,
             limits: Arc::new(OnceLock::new()),
@@ -118,6 +120,29 @@ impl<K> ConcurrencyPerModelLayer<K> {
     /// ```
     pub fn adaptive(self, aimd: Aimd) -> Self {
         self.configure(|config| config.adaptive = Some(aimd))
+    }
+
+    /// Lets the adaptive limit ([`adaptive`](Self::adaptive)) act on the
+    /// health verdict of the key's model: when a probe found the overload to
+    /// be local pressure (the same model answers a minimal request), a 529
+    /// shrinks the limit twice as hard, since lowering concurrency is the
+    /// fix; while the status page declares an incident for the model,
+    /// successes do not grow the limit back (more calls would only probe a
+    /// platform known to be short).
+    ///
+    /// ```
+    /// # use tower_overload::concurrency::{Aimd, ConcurrencyPerModelLayer};
+    /// # use tower_overload::health::{HealthConfig, HealthMonitor};
+    /// # let client = tower::service_fn(|_r: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+    /// # });
+    /// let monitor = HealthMonitor::new(client, HealthConfig::default());
+    /// let layer = ConcurrencyPerModelLayer::new(16).adaptive(Aimd::default()).health(monitor);
+    /// ```
+    #[cfg(feature = "health")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "health")))]
+    pub fn health(self, monitor: crate::health::HealthMonitor) -> Self {
+        self.configure(|config| config.health = Some(monitor))
     }
 
     /// The key of requests whose key function found none (default `<default>`).

@@ -32,6 +32,10 @@ pub(crate) struct Config {
     pub(crate) adaptive: Option<Aimd>,
     pub(crate) default_key: Model,
     pub(crate) max_keys: usize,
+    /// Tells the adaptive limit whether an overload is local pressure (shrink
+    /// harder) or a declared incident (do not grow back into it).
+    #[cfg(feature = "health")]
+    pub(crate) health: Option<crate::health::HealthMonitor>,
 }
 
 /// Name of the bucket that unknown keys share when every slot is busy.
@@ -310,13 +314,17 @@ impl KeyState {
         }
     }
 
-    /// A response said the platform or the quota is overloaded.
-    pub(crate) fn on_overload(&self) {
+    /// A response said the platform or the quota is overloaded; `harder`
+    /// shrinks twice (a probe found the pressure to be ours).
+    pub(crate) fn on_overload(&self, harder: bool) {
         let mut limit = lock(&self.limit);
         let Some(adaptive) = limit.adaptive.as_mut() else {
             return;
         };
-        let target = adaptive.on_overload();
+        let mut target = adaptive.on_overload();
+        if harder {
+            target = adaptive.on_overload();
+        }
         if target < limit.current {
             let shrink = limit.current - target;
             limit.current = target;
@@ -325,13 +333,17 @@ impl KeyState {
         }
     }
 
-    /// A response succeeded.
-    pub(crate) fn on_success(&self) {
+    /// A response succeeded; `may_grow` is asked only when the limit would
+    /// grow (a declared incident holds it where it is).
+    pub(crate) fn on_success(&self, may_grow: impl FnOnce() -> bool) {
         let mut limit = lock(&self.limit);
         let in_flight = self.in_flight.load(Ordering::Relaxed);
         let Some(adaptive) = limit.adaptive.as_mut() else {
             return;
         };
+        if !adaptive.would_grow(in_flight) || !may_grow() {
+            return;
+        }
         let target = adaptive.on_success(in_flight);
         if target > limit.current {
             let grow = target - limit.current;
@@ -475,6 +487,8 @@ mod tests {
             adaptive: None,
             default_key: Model::new("<default>"),
             max_keys,
+            #[cfg(feature = "health")]
+            health: None,
         })
     }
 
