@@ -583,6 +583,31 @@ impl RetryQuota {
             });
     }
 
+    /// Fleet sync: sets the tokens to `view` plus whatever changed since
+    /// they were read as `observed` (spending and refills made meanwhile
+    /// are kept, to be sent at the next sync), within the capacity.
+    #[cfg(feature = "redis")]
+    pub(crate) fn rebase(&self, observed: u32, view: u32) {
+        let capacity = i64::from(self.shared.capacity);
+        let _ = self
+            .shared
+            .tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                let since = now as i64 - i64::from(observed);
+                Some((i64::from(view) + since).clamp(0, capacity) as u64)
+            });
+    }
+
+    /// The parameters: capacity, retry cost, timeout cost.
+    #[cfg(all(feature = "redis", feature = "retry"))]
+    pub(crate) fn parameters(&self) -> (u32, u32, u32) {
+        (
+            self.shared.capacity,
+            self.shared.retry_cost,
+            self.shared.timeout_cost,
+        )
+    }
+
     /// A call succeeded. `retried_after` is the class whose retry led to the
     /// success (its cost comes back), or `None` for a first-try success (one
     /// token comes back). Never past the capacity.

@@ -120,6 +120,7 @@
 //! | `request-id` | yes | [`RequestIdLogLayer`], `OverloadStats` |
 //! | `pacing` | no | `RateLimitPacingLayer`: waits for rate-limit budget instead of collecting 429s |
 //! | `health` | no | `health::HealthMonitor`: status page poller, controlled probe, incident-or-local-pressure verdict in errors |
+//! | `redis` | no | `fleet`: per-model caps and the retry quota shared by many workers through Redis or Valkey |
 //! | `hyper-util` | no | precise classification of hyper-util's client errors |
 //! | `reqwest` | no | a `tower::Service` over `reqwest::Client`, and a classifier of reqwest's errors |
 //! | `reqwest-middleware` | no | the crate's layers as a `reqwest_middleware::Middleware` |
@@ -151,6 +152,9 @@ pub mod estimate;
 #[cfg(feature = "fallback")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
 pub mod fallback;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod fleet;
 pub mod headers;
 #[cfg(feature = "health")]
 #[cfg_attr(docsrs, doc(cfg(feature = "health")))]

@@ -41,6 +41,8 @@ pin_project! {
         Called { #[pin] future: F, permit: Option<Permit> },
         // Boxed: only a queued call pays for holding its request and service.
         Waiting { wait: Option<Box<Wait<S, B>>> },
+        // Boxed: only a layer shared with a fleet waits for a lease.
+        Leasing { leasing: Option<Box<Leasing<S, B>>> },
         Failed { error: Option<Error> },
         Done,
     }
@@ -57,6 +59,20 @@ struct Wait<S, B> {
     timer: Option<Pin<Box<Sleep>>>,
     _slot: QueueSlot,
 }
+
+/// A call holding its local permit while it waits for a fleet slot.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+struct Leasing<S, B> {
+    pending: Option<(S, Request<B>)>,
+    permit: Option<Permit>,
+    lease: Lease,
+}
+
+#[cfg(feature = "redis")]
+type Lease = Pin<Box<dyn Future<Output = Option<crate::fleet::FleetLease>> + Send>>;
+/// Never made without the `redis` feature.
+#[cfg(not(feature = "redis"))]
+type Lease = ();
 
 /// One place in a key's queue, given back when dropped.
 struct QueueSlot(Arc<KeyState>);
@@ -91,14 +107,8 @@ where
             },
         };
         let permit = KeyState::permit(key, global);
-        let future = service.call(request);
-        Self {
-            state: State::Called {
-                future,
-                permit: Some(permit),
-            },
-            limits,
-        }
+        let state = go(service, request, permit, &limits);
+        Self { state, limits }
     }
 
     fn queue(
@@ -146,6 +156,68 @@ where
             state: State::Failed { error: Some(error) },
             limits,
         }
+    }
+}
+
+/// The call goes on with its permit: sent now, or first leased a fleet
+/// slot when the layer shares its caps with a fleet.
+fn go<S, B>(
+    service: &mut S,
+    request: Request<B>,
+    permit: Permit,
+    limits: &Limits,
+) -> State<S, B, S::Future>
+where
+    S: Service<Request<B>> + Clone,
+{
+    #[cfg(feature = "redis")]
+    if limits.config.fleet.is_some() {
+        // Take the service that was made ready for this call; leave a clone.
+        let clone = service.clone();
+        let ready = std::mem::replace(service, clone);
+        return go_owned(ready, request, permit, limits);
+    }
+    #[cfg(not(feature = "redis"))]
+    let _ = limits;
+    State::Called {
+        future: service.call(request),
+        permit: Some(permit),
+    }
+}
+
+/// [`go`] for a call that owns its ready service (it waited).
+fn go_owned<S, B>(
+    mut service: S,
+    request: Request<B>,
+    permit: Permit,
+    limits: &Limits,
+) -> State<S, B, S::Future>
+where
+    S: Service<Request<B>>,
+{
+    #[cfg(feature = "redis")]
+    if let Some(fleet) = &limits.config.fleet {
+        let fleet = fleet.clone();
+        let name = permit.state().key.as_str().to_owned();
+        let cap = u32::try_from(permit.state().limit_now()).unwrap_or(u32::MAX);
+        let deadline = limits
+            .config
+            .queue_timeout
+            .map(|timeout| tokio::time::Instant::now() + timeout);
+        let lease: Lease = Box::pin(async move { fleet.lease(&name, cap, deadline).await });
+        return State::Leasing {
+            leasing: Some(Box::new(Leasing {
+                pending: Some((service, request)),
+                permit: Some(permit),
+                lease,
+            })),
+        };
+    }
+    #[cfg(not(feature = "redis"))]
+    let _ = limits;
+    State::Called {
+        future: service.call(request),
+        permit: Some(permit),
     }
 }
 
@@ -205,15 +277,12 @@ where
                             continue;
                         };
                         let permit = key_permit.into_permit(global);
-                        let Some((mut service, request)) = waited.pending.take() else {
+                        let Some((service, request)) = waited.pending.take() else {
                             this.state.set(State::Done);
                             return Poll::Ready(Err(Error::new(ErrorKind::QueueFull)));
                         };
-                        let future = service.call(request);
-                        this.state.set(State::Called {
-                            future,
-                            permit: Some(permit),
-                        });
+                        this.state
+                            .set(go_owned(service, request, permit, this.limits));
                         continue;
                     }
                     if let Some(timer) = waiting.timer.as_mut()
@@ -231,6 +300,45 @@ where
                         return Poll::Ready(Err(error));
                     }
                     return Poll::Pending;
+                }
+                #[cfg(feature = "redis")]
+                StateProj::Leasing { leasing } => {
+                    let Some(waiting) = leasing.as_mut() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(Error::new(ErrorKind::QueueTimeout)));
+                    };
+                    let lease = ready!(waiting.lease.as_mut().poll(cx));
+                    let Some(mut done) = leasing.take() else {
+                        continue;
+                    };
+                    let (Some(mut permit), Some((mut service, request))) =
+                        (done.permit.take(), done.pending.take())
+                    else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(Error::new(ErrorKind::QueueTimeout)));
+                    };
+                    let Some(lease) = lease else {
+                        // The fleet's slots stayed held past the queue timeout.
+                        let key = permit.state();
+                        key.timed_out.fetch_add(1, Ordering::Relaxed);
+                        let error = Error::new(ErrorKind::QueueTimeout)
+                            .with_model(key.key.clone())
+                            .with_elapsed(this.limits.config.queue_timeout.unwrap_or_default());
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error));
+                    };
+                    permit.hold(lease);
+                    let future = service.call(request);
+                    this.state.set(State::Called {
+                        future,
+                        permit: Some(permit),
+                    });
+                }
+                // Never entered without the feature.
+                #[cfg(not(feature = "redis"))]
+                StateProj::Leasing { .. } => {
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(Error::new(ErrorKind::QueueTimeout)));
                 }
                 StateProj::Failed { error } => {
                     let error = error
@@ -361,6 +469,7 @@ where
         let state = match &self.state {
             State::Called { .. } => "called",
             State::Waiting { .. } => "waiting",
+            State::Leasing { .. } => "leasing",
             State::Failed { .. } => "failed",
             State::Done => "done",
         };

@@ -55,6 +55,8 @@ impl ConcurrencyPerModelLayer {
                 adaptive: None,
                 default_key: Model::new("<default>"),
                 max_keys: 64,
+                #[cfg(feature = "redis")]
+                fleet: None,
                 #[cfg(feature = "health")]
                 health: None,
             },
@@ -143,6 +145,27 @@ impl<K> ConcurrencyPerModelLayer<K> {
     #[cfg_attr(docsrs, doc(cfg(feature = "health")))]
     pub fn health(self, monitor: crate::health::HealthMonitor) -> Self {
         self.configure(|config| config.health = Some(monitor))
+    }
+
+    /// Makes each key's limit hold for the whole fleet: a call also takes a
+    /// lease on one of the key's slots in the fleet's store before it is
+    /// sent, held until its response body ends (see [`crate::fleet`] for
+    /// leases, fairness and what happens when the store is down). A call
+    /// waiting for a fleet slot counts against the queue timeout.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tower_overload::concurrency::ConcurrencyPerModelLayer;
+    /// use tower_overload::fleet::{Fleet, FleetConfig, RedisStore};
+    /// let fleet = Fleet::new(RedisStore::open("redis://127.0.0.1/").unwrap(), FleetConfig::default().share(0.25));
+    /// // At most 8 opus calls in flight across every worker.
+    /// let layer = ConcurrencyPerModelLayer::new(16).limit_for("claude-opus-4-6", 8).fleet(fleet);
+    /// # }
+    /// ```
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn fleet(self, fleet: crate::fleet::Fleet) -> Self {
+        self.configure(|config| config.fleet = Some(fleet))
     }
 
     /// The key of requests whose key function found none (default `<default>`).

@@ -32,6 +32,9 @@ pub(crate) struct Config {
     pub(crate) adaptive: Option<Aimd>,
     pub(crate) default_key: Model,
     pub(crate) max_keys: usize,
+    /// Shares each key's cap with the fleet.
+    #[cfg(feature = "redis")]
+    pub(crate) fleet: Option<crate::fleet::Fleet>,
     /// Tells the adaptive limit whether an overload is local pressure (shrink
     /// harder) or a declared incident (do not grow back into it).
     #[cfg(feature = "health")]
@@ -311,7 +314,15 @@ impl KeyState {
         Permit {
             state,
             _global: global,
+            #[cfg(feature = "redis")]
+            lease: None,
         }
+    }
+
+    /// The limit in force now.
+    #[cfg(feature = "redis")]
+    pub(crate) fn limit_now(&self) -> usize {
+        lock(&self.limit).current
     }
 
     /// A response said the platform or the quota is overloaded; `harder`
@@ -437,11 +448,20 @@ impl Drop for HeldKey {
 pub(crate) struct Permit {
     state: Arc<KeyState>,
     _global: Option<OwnedSemaphorePermit>,
+    /// The call's slot in the fleet's cap, when the layer shares one.
+    #[cfg(feature = "redis")]
+    lease: Option<crate::fleet::FleetLease>,
 }
 
 impl Permit {
     pub(crate) fn state(&self) -> &KeyState {
         &self.state
+    }
+
+    /// Holds `lease` for as long as the permit.
+    #[cfg(feature = "redis")]
+    pub(crate) fn hold(&mut self, lease: crate::fleet::FleetLease) {
+        self.lease = Some(lease);
     }
 }
 
@@ -487,6 +507,8 @@ mod tests {
             adaptive: None,
             default_key: Model::new("<default>"),
             max_keys,
+            #[cfg(feature = "redis")]
+            fleet: None,
             #[cfg(feature = "health")]
             health: None,
         })

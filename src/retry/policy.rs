@@ -491,6 +491,35 @@ impl RetryPolicy {
         self
     }
 
+    /// Shares the policy's retry quota with the whole fleet (the store's
+    /// `retry` quota, of the same capacity and costs): a storm costs the
+    /// fleet one quota, not one per worker. A policy without a quota (or
+    /// with a budget) is unchanged. See [`crate::fleet`] for what holds
+    /// between syncs and when the store is down.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tower_overload::fleet::{Fleet, FleetConfig, RedisStore};
+    /// use tower_overload::retry::RetryPolicy;
+    /// let fleet = Fleet::new(RedisStore::open("redis://127.0.0.1/").unwrap(), FleetConfig::default());
+    /// let policy = RetryPolicy::foreground().fleet(&fleet);
+    /// # }
+    /// ```
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn fleet(mut self, fleet: &crate::fleet::Fleet) -> Self {
+        if let Some(Rationing::Quota(quota)) = &self.rationing {
+            let (capacity, retry_cost, timeout_cost) = quota.parameters();
+            self.rationing = Some(Rationing::Quota(fleet.retry_quota(
+                "retry",
+                capacity,
+                retry_cost,
+                timeout_cost,
+            )));
+        }
+        self
+    }
+
     /// What a call whose last attempt failed returns: the response (default) or a typed error.
     ///
     /// ```

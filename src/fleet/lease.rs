@@ -1,0 +1,169 @@
+//! [`FleetLease`]: a call's slot in the fleet's cap, given back when dropped.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use super::Shared;
+use super::store::Acquired;
+use crate::sync::lock;
+
+/// One fleet slot held by a call: a lease in the store, or while the store
+/// is down a slot of this worker's local share. Dropping it gives the slot
+/// back (a lease's release is sent in the background).
+pub struct FleetLease {
+    held: Held,
+}
+
+enum Held {
+    Shared {
+        fleet: Arc<Shared>,
+        key: String,
+        holder: String,
+    },
+    Local(#[allow(dead_code)] OwnedSemaphorePermit),
+}
+
+impl FleetLease {
+    /// Whether the slot is a lease in the store (not a local one).
+    ///
+    /// ```
+    /// # fn check(lease: &tower_overload::fleet::FleetLease) -> bool {
+    /// lease.is_shared()
+    /// # }
+    /// ```
+    pub fn is_shared(&self) -> bool {
+        matches!(self.held, Held::Shared { .. })
+    }
+}
+
+impl Drop for FleetLease {
+    fn drop(&mut self) {
+        if let Held::Shared { fleet, key, holder } = &mut self.held {
+            let mut held = lock(&fleet.held);
+            if let Some(holders) = held.get_mut(key.as_str()) {
+                holders.remove(holder.as_str());
+                if holders.is_empty() {
+                    held.remove(key.as_str());
+                }
+            }
+            drop(held);
+            // Never blocks; fails only when the background task is gone,
+            // and then the lease expires on its own.
+            let _ = fleet
+                .releases
+                .send((std::mem::take(key), std::mem::take(holder)));
+        }
+        if let Held::Shared { fleet, .. } = &self.held {
+            fleet.released.notify_waiters();
+        }
+    }
+}
+
+impl fmt::Debug for FleetLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.held {
+            Held::Shared { key, holder, .. } => f
+                .debug_struct("FleetLease")
+                .field("key", key)
+                .field("holder", holder)
+                .finish(),
+            Held::Local(_) => f.debug_struct("FleetLease").field("local", &true).finish(),
+        }
+    }
+}
+
+/// Waits for one of `cap` slots of `name`, or `None` once `deadline` passes.
+pub(super) async fn acquire(
+    fleet: &Arc<Shared>,
+    name: &str,
+    cap: u32,
+    deadline: Option<Instant>,
+) -> Option<FleetLease> {
+    let key = fleet.key("sem", name);
+    let mut waited = false;
+    loop {
+        if fleet.is_degraded() {
+            return local(fleet, &key, cap, deadline).await;
+        }
+        let holder = format!(
+            "{}:{}",
+            fleet.worker,
+            fleet.next_lease.fetch_add(1, Ordering::Relaxed)
+        );
+        let acquired = fleet
+            .timed(
+                fleet
+                    .store
+                    .acquire(&key, cap.max(1), fleet.config.lease, &holder),
+            )
+            .await;
+        match acquired {
+            Ok(Acquired::Granted) => {
+                lock(&fleet.held)
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(holder.clone());
+                fleet.shared_calls.fetch_add(1, Ordering::Relaxed);
+                return Some(FleetLease {
+                    held: Held::Shared {
+                        fleet: Arc::clone(fleet),
+                        key,
+                        holder,
+                    },
+                });
+            }
+            Ok(Acquired::Full { earliest_expiry }) => {
+                if !waited {
+                    waited = true;
+                    fleet.waits.fetch_add(1, Ordering::Relaxed);
+                }
+                let pause = fleet
+                    .config
+                    .poll
+                    .min(earliest_expiry)
+                    .max(Duration::from_millis(1));
+                let mut until = Instant::now() + pause;
+                if let Some(deadline) = deadline {
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                    until = until.min(deadline);
+                }
+                // A call of this worker ending frees a slot it can ask for at once.
+                let released = fleet.released.notified();
+                tokio::select! {
+                    () = released => {}
+                    () = tokio::time::sleep_until(until) => {}
+                }
+            }
+            // A lease the store granted but whose answer was lost is not
+            // renewed: it expires within one lease.
+            Err(error) => fleet.degrade(&error),
+        }
+    }
+}
+
+/// A slot of the local share while the store is down.
+async fn local(
+    fleet: &Arc<Shared>,
+    key: &str,
+    cap: u32,
+    deadline: Option<Instant>,
+) -> Option<FleetLease> {
+    let semaphore = fleet.local_semaphore(key, cap);
+    let acquire = semaphore.acquire_owned();
+    let permit = match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, acquire).await.ok()?,
+        None => acquire.await,
+    }
+    .ok()?;
+    fleet.local_calls.fetch_add(1, Ordering::Relaxed);
+    Some(FleetLease {
+        held: Held::Local(permit),
+    })
+}

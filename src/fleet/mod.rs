@@ -1,0 +1,636 @@
+//! One organisation, many workers: limits, retry quota and cooldowns shared
+//! through a store (Redis or Valkey), with each worker's own state as the
+//! fallback.
+//!
+//! Rate limits belong to the organisation and overload is per model for
+//! everyone, but each layer's state lives in one process: twenty workers
+//! each capped at 4 opus calls put 80 in flight, and each holds its own
+//! retry quota. A [`Fleet`] is the handle that makes the layers share:
+//!
+//! - [`ConcurrencyPerModelLayer::fleet`](crate::concurrency::ConcurrencyPerModelLayer::fleet):
+//!   the per-model cap holds for the whole fleet (a semaphore in the store,
+//!   with leases);
+//! - [`RetryPolicy::fleet`](crate::retry::RetryPolicy::fleet): one retry
+//!   quota for the fleet, so a storm costs the fleet one quota, not one per
+//!   worker.
+//!
+//! ```no_run
+//! # #[cfg(all(feature = "concurrency", feature = "retry"))]
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use tower_overload::concurrency::ConcurrencyPerModelLayer;
+//! use tower_overload::fleet::{Fleet, FleetConfig, RedisStore};
+//! use tower_overload::retry::RetryPolicy;
+//!
+//! // Four workers: when Redis is unreachable each keeps a quarter of the limits.
+//! let store = RedisStore::open("redis://127.0.0.1:6379/").unwrap();
+//! let fleet = Fleet::new(store, FleetConfig::default().share(0.25));
+//! let concurrency = ConcurrencyPerModelLayer::new(8).fleet(fleet.clone());
+//! let retry = RetryPolicy::foreground().fleet(&fleet);
+//! # let _ = (concurrency, retry);
+//! # }
+//! # #[cfg(not(all(feature = "concurrency", feature = "retry")))] fn main() {}
+//! ```
+//!
+//! # What holds
+//!
+//! - **Slots.** A call holds a lease on one of the model's slots in the
+//!   store for as long as its response body is alive; the worker renews its
+//!   leases every third of the lease time. A worker that crashes or loses
+//!   the store stops renewing, and its slots free themselves within one
+//!   lease (default 10 s). So the fleet never has more than the cap in
+//!   flight, except for a worker cut off from the store for longer than a
+//!   lease, whose calls then count only against its local share.
+//! - **Fairness.** Within a worker, calls take slots first come, first
+//!   served (the layer's own queue). Across workers a freed slot goes to the
+//!   first worker to ask after it was freed: each waiting worker asks again
+//!   at once when a call of its own ends, and otherwise every `poll` (20 ms)
+//!   or when the earliest lease would expire. No worker starves while it
+//!   asks, but a worker closer to the store wins more races.
+//! - **Retry quota.** Each worker spends from a local view of the fleet's
+//!   quota and syncs every `sync` (100 ms): its net spending goes to the
+//!   store, and its view becomes its `share` of what the fleet has left. A
+//!   retry decision never waits for the store; between two syncs the fleet
+//!   can overspend by at most one view per worker.
+//! - **Faults.** Every store operation has a short timeout (`op_timeout`,
+//!   100 ms). When one fails, the worker switches to its local state scaled
+//!   to its `share` of the fleet's limits (a cap of 8 at share 0.25 is 2
+//!   local slots), logs one warning for the episode, counts it
+//!   ([`FleetSnapshot`]), and checks the store every `recheck` (1 s); once
+//!   it answers, calls use it again and one line says so. A call is never
+//!   failed or sent twice because of the store: the store only decides when
+//!   it goes.
+//! - **Cost.** On the success path a call makes one store round trip (the
+//!   acquire); its release is sent in the background, batched with the
+//!   others, and the quota syncs in the background too.
+
+mod lease;
+mod redis;
+mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::time::Instant;
+
+pub use self::lease::FleetLease;
+pub use self::redis::RedisStore;
+pub use self::store::{Acquired, SharedStore, StoreError, StoreFuture};
+use crate::budget::RetryQuota;
+use crate::sync::lock;
+
+/// How a fleet shares, and how each worker falls back.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_overload::fleet::FleetConfig;
+///
+/// let config = FleetConfig::default();
+/// assert_eq!(config.get_lease(), Duration::from_secs(10));
+/// assert_eq!(config.get_op_timeout(), Duration::from_millis(100));
+/// let config = config.share(0.25).prefix("myapp");
+/// assert_eq!(config.get_share(), 0.25);
+/// ```
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    prefix: String,
+    op_timeout: Duration,
+    lease: Duration,
+    share: f64,
+    recheck: Duration,
+    poll: Duration,
+    sync: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "tower_overload".to_owned(),
+            op_timeout: Duration::from_millis(100),
+            lease: Duration::from_secs(10),
+            share: 1.0,
+            recheck: Duration::from_secs(1),
+            poll: Duration::from_millis(20),
+            sync: Duration::from_millis(100),
+        }
+    }
+}
+
+impl FleetConfig {
+    /// The prefix of every key in the store (default `tower_overload`):
+    /// fleets with different prefixes share nothing.
+    ///
+    /// ```
+    /// # use tower_overload::fleet::FleetConfig;
+    /// let config = FleetConfig::default().prefix("staging");
+    /// ```
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The longest a store operation may take before the worker falls back
+    /// to its local state (default 100 ms).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::fleet::FleetConfig;
+    /// let config = FleetConfig::default().op_timeout(Duration::from_millis(50));
+    /// ```
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a slot stays held without renewal (default 10 s): the
+    /// longest a crashed worker's slots stay taken. Renewed every third.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::fleet::FleetConfig;
+    /// let config = FleetConfig::default().lease(Duration::from_secs(5));
+    /// ```
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(30));
+        self
+    }
+
+    /// This worker's share of the fleet's limits when the store is down
+    /// (default 1.0: a lone worker; 0.25 for one of four), in (0, 1].
+    ///
+    /// ```
+    /// # use tower_overload::fleet::FleetConfig;
+    /// let config = FleetConfig::default().share(0.25);
+    /// ```
+    pub fn share(mut self, share: f64) -> Self {
+        self.share = if share.is_finite() {
+            share.clamp(1e-6, 1.0)
+        } else {
+            1.0
+        };
+        self
+    }
+
+    /// How often a worker cut off from the store checks it again (default 1 s).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::fleet::FleetConfig;
+    /// let config = FleetConfig::default().recheck(Duration::from_millis(500));
+    /// ```
+    pub fn recheck(mut self, every: Duration) -> Self {
+        self.recheck = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How often a call waiting for a fleet slot asks again when nothing of
+    /// its own worker ended (default 20 ms).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::fleet::FleetConfig;
+    /// let config = FleetConfig::default().poll(Duration::from_millis(10));
+    /// ```
+    pub fn poll(mut self, every: Duration) -> Self {
+        self.poll = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How often the retry quota syncs with the store (default 100 ms).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_overload::fleet::FleetConfig;
+    /// let config = FleetConfig::default().sync(Duration::from_millis(50));
+    /// ```
+    pub fn sync(mut self, every: Duration) -> Self {
+        self.sync = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The lease time.
+    ///
+    /// ```
+    /// # use tower_overload::fleet::FleetConfig;
+    /// assert_eq!(FleetConfig::default().get_lease().as_secs(), 10);
+    /// ```
+    pub fn get_lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// The store operations' timeout.
+    ///
+    /// ```
+    /// # use tower_overload::fleet::FleetConfig;
+    /// assert_eq!(FleetConfig::default().get_op_timeout().as_millis(), 100);
+    /// ```
+    pub fn get_op_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+
+    /// The share of the limits kept when the store is down.
+    ///
+    /// ```
+    /// # use tower_overload::fleet::FleetConfig;
+    /// assert_eq!(FleetConfig::default().get_share(), 1.0);
+    /// ```
+    pub fn get_share(&self) -> f64 {
+        self.share
+    }
+
+    /// `limit` scaled to this worker's share, at least 1.
+    fn scaled(&self, limit: u32) -> u32 {
+        ((f64::from(limit) * self.share).ceil() as u32).max(1)
+    }
+}
+
+/// The handle every layer of a worker shares the fleet through; cheap to clone.
+///
+/// Made inside a Tokio runtime: it runs one background task (renewing
+/// leases, sending releases, syncing the quota, checking a store that
+/// failed), which ends when the last clone is dropped.
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tower_overload::fleet::{Fleet, FleetConfig, RedisStore};
+/// let fleet = Fleet::new(RedisStore::open("redis://127.0.0.1/").unwrap(), FleetConfig::default());
+/// assert!(!fleet.snapshot().degraded);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Fleet {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    store: Arc<dyn SharedStore>,
+    config: FleetConfig,
+    /// This worker's name in the store: a lease's holder is `worker:n`.
+    worker: String,
+    next_lease: AtomicU64,
+    degraded: AtomicBool,
+    episodes: AtomicU64,
+    local_calls: AtomicU64,
+    shared_calls: AtomicU64,
+    waits: AtomicU64,
+    /// Leases held, by store key: what the background task renews.
+    held: Mutex<HashMap<String, HashSet<String>>>,
+    releases: mpsc::UnboundedSender<(String, String)>,
+    /// A call of this worker ended: its waiting calls ask the store again.
+    released: Notify,
+    /// The local semaphores used while the store is down, by key (bounded).
+    local: Mutex<HashMap<String, Arc<Semaphore>>>,
+    quotas: Mutex<Vec<QuotaSync>>,
+}
+
+/// The most keys with a local fallback semaphore of their own; more share one.
+const MAX_LOCAL_KEYS: usize = 1024;
+
+/// A retry quota kept in step with the fleet's.
+struct QuotaSync {
+    key: String,
+    capacity: u32,
+    quota: RetryQuota,
+    /// The tokens the quota was set to at the last sync.
+    view: u32,
+}
+
+impl Fleet {
+    /// A fleet sharing through `store`. Must be called inside a Tokio runtime.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tower_overload::fleet::{Fleet, FleetConfig, RedisStore};
+    /// let fleet = Fleet::new(RedisStore::open("redis://127.0.0.1/").unwrap(), FleetConfig::default().share(0.5));
+    /// # let _ = fleet;
+    /// # }
+    /// ```
+    pub fn new(store: impl SharedStore, config: FleetConfig) -> Self {
+        let (releases, receiver) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            store: Arc::new(store),
+            worker: worker_name(),
+            config,
+            next_lease: AtomicU64::new(0),
+            degraded: AtomicBool::new(false),
+            episodes: AtomicU64::new(0),
+            local_calls: AtomicU64::new(0),
+            shared_calls: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+            held: Mutex::new(HashMap::new()),
+            releases,
+            released: Notify::new(),
+            local: Mutex::new(HashMap::new()),
+            quotas: Mutex::new(Vec::new()),
+        });
+        tokio::spawn(background(Arc::downgrade(&shared), receiver));
+        Self { shared }
+    }
+
+    /// A retry quota shared by the fleet under `name`: `capacity` tokens
+    /// for the fleet, a retry costing `retry_cost` (`timeout_cost` after a
+    /// timeout). This worker spends from its share of what the fleet has
+    /// left, synced in the background.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # use tower_overload::fleet::{Fleet, FleetConfig, RedisStore};
+    /// # let fleet = Fleet::new(RedisStore::open("redis://127.0.0.1/").unwrap(), FleetConfig::default());
+    /// let quota = fleet.retry_quota("retries", 500, 5, 10);
+    /// # let _ = quota;
+    /// # }
+    /// ```
+    pub fn retry_quota(
+        &self,
+        name: &str,
+        capacity: u32,
+        retry_cost: u32,
+        timeout_cost: u32,
+    ) -> RetryQuota {
+        let local = self.shared.config.scaled(capacity);
+        let quota = RetryQuota::new(local, retry_cost, timeout_cost);
+        lock(&self.shared.quotas).push(QuotaSync {
+            key: self.shared.key("quota", name),
+            capacity,
+            quota: quota.clone(),
+            view: local,
+        });
+        quota
+    }
+
+    /// What the fleet handle has done so far.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # use tower_overload::fleet::{Fleet, FleetConfig, RedisStore};
+    /// # let fleet = Fleet::new(RedisStore::open("redis://127.0.0.1/").unwrap(), FleetConfig::default());
+    /// let snapshot = fleet.snapshot();
+    /// println!("store down {} times; {} calls on local state", snapshot.episodes, snapshot.local_calls);
+    /// # }
+    /// ```
+    pub fn snapshot(&self) -> FleetSnapshot {
+        let shared = &self.shared;
+        FleetSnapshot {
+            degraded: shared.degraded.load(Ordering::Acquire),
+            episodes: shared.episodes.load(Ordering::Relaxed),
+            shared_calls: shared.shared_calls.load(Ordering::Relaxed),
+            local_calls: shared.local_calls.load(Ordering::Relaxed),
+            waits: shared.waits.load(Ordering::Relaxed),
+            leases_held: lock(&shared.held).values().map(HashSet::len).sum(),
+        }
+    }
+
+    /// Waits for one of `cap` fleet slots of `name` (until `deadline`,
+    /// `None` when it passes): a lease in the store, or while the store is
+    /// down a slot of the local share.
+    pub(crate) async fn lease(
+        &self,
+        name: &str,
+        cap: u32,
+        deadline: Option<Instant>,
+    ) -> Option<FleetLease> {
+        lease::acquire(&self.shared, name, cap, deadline).await
+    }
+}
+
+impl Shared {
+    fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}:{kind}:{name}", self.config.prefix)
+    }
+
+    /// A store operation failed: the worker goes local until a recheck
+    /// succeeds, saying so once per episode.
+    fn degrade(&self, error: &StoreError) {
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            self.episodes.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                target: "tower_overload::fleet",
+                %error,
+                share = self.config.share,
+                "fleet store unavailable: using this worker's local share of the limits"
+            );
+        }
+    }
+
+    fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
+    /// The local semaphore standing in for `key`'s fleet cap while the
+    /// store is down: the worker's share of it.
+    fn local_semaphore(&self, key: &str, cap: u32) -> Arc<Semaphore> {
+        let mut local = lock(&self.local);
+        let full = local.len() >= MAX_LOCAL_KEYS;
+        let entry_key = if full && !local.contains_key(key) {
+            "<other>"
+        } else {
+            key
+        };
+        let permits = self.config.scaled(cap) as usize;
+        Arc::clone(
+            local
+                .entry(entry_key.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(permits))),
+        )
+    }
+
+    async fn timed<T>(&self, operation: StoreFuture<'_, T>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.config.op_timeout, operation).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::new(format!(
+                "no answer within {:?}",
+                self.config.op_timeout
+            ))),
+        }
+    }
+}
+
+/// What a [`Fleet`] handle has done so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FleetSnapshot {
+    /// The store failed and the worker is on its local share now.
+    pub degraded: bool,
+    /// How many times the store became unavailable.
+    pub episodes: u64,
+    /// Calls that held a fleet slot in the store.
+    pub shared_calls: u64,
+    /// Calls that held a slot of the local share (the store was down).
+    pub local_calls: u64,
+    /// Times a call found the fleet's slots all held and waited.
+    pub waits: u64,
+    /// Leases this worker holds in the store now.
+    pub leases_held: usize,
+}
+
+impl fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fleet")
+            .field("store", &self.shared.store)
+            .field("config", &self.shared.config)
+            .field("worker", &self.shared.worker)
+            .field("snapshot", &self.snapshot())
+            .finish()
+    }
+}
+
+/// A name unique to this worker among the fleet's: process, start time
+/// and a random part.
+fn worker_name() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() as u64);
+    format!(
+        "{}-{:x}-{:x}",
+        std::process::id(),
+        nanos,
+        // std's per-process hash seed: random without another dependency.
+        {
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish() as u32
+        }
+    )
+}
+
+/// The worker's background task: releases (batched), renewals, quota
+/// syncs, and rechecks of a store that failed. Ends with the last handle.
+async fn background(shared: Weak<Shared>, mut releases: mpsc::UnboundedReceiver<(String, String)>) {
+    let (renew_every, sync_every, recheck_every) = match shared.upgrade() {
+        Some(shared) => (
+            shared.config.lease / 3,
+            shared.config.sync,
+            shared.config.recheck,
+        ),
+        None => return,
+    };
+    let tick = renew_every.min(sync_every).min(recheck_every);
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut renewed, mut synced, mut rechecked) = (Instant::now(), Instant::now(), Instant::now());
+    loop {
+        tokio::select! {
+            first = releases.recv() => {
+                let Some(first) = first else { return };
+                let Some(shared) = shared.upgrade() else { return };
+                let mut batch: HashMap<String, Vec<String>> = HashMap::new();
+                batch.entry(first.0).or_default().push(first.1);
+                while let Ok((key, holder)) = releases.try_recv() {
+                    batch.entry(key).or_default().push(holder);
+                }
+                if shared.is_degraded() {
+                    // Unreachable: the leases expire on their own within one lease.
+                    continue;
+                }
+                for (key, holders) in &batch {
+                    if let Err(error) = shared.timed(shared.store.release(key, holders)).await {
+                        shared.degrade(&error);
+                        break;
+                    }
+                }
+            }
+            _ = ticker.tick() => {
+                let Some(shared) = shared.upgrade() else { return };
+                let now = Instant::now();
+                if shared.is_degraded() {
+                    if now.duration_since(rechecked) >= recheck_every {
+                        rechecked = now;
+                        recheck(&shared).await;
+                    }
+                    continue;
+                }
+                if now.duration_since(renewed) >= renew_every {
+                    renewed = now;
+                    renew(&shared).await;
+                }
+                if now.duration_since(synced) >= sync_every {
+                    synced = now;
+                    sync_quotas(&shared).await;
+                }
+            }
+        }
+    }
+}
+
+async fn recheck(shared: &Shared) {
+    if shared.timed(shared.store.ping()).await.is_ok() {
+        shared.degraded.store(false, Ordering::Release);
+        tracing::info!(
+            target: "tower_overload::fleet",
+            "fleet store available again: limits are shared again"
+        );
+        // Leases held from before the outage may have expired: renew what
+        // is still there at once.
+        renew(shared).await;
+    }
+}
+
+async fn renew(shared: &Shared) {
+    let held: Vec<(String, Vec<String>)> = lock(&shared.held)
+        .iter()
+        .filter(|(_, holders)| !holders.is_empty())
+        .map(|(key, holders)| (key.clone(), holders.iter().cloned().collect()))
+        .collect();
+    for (key, holders) in held {
+        match shared
+            .timed(shared.store.renew(&key, &holders, shared.config.lease))
+            .await
+        {
+            Ok(still) if (still as usize) < holders.len() => {
+                tracing::debug!(
+                    target: "tower_overload::fleet",
+                    key,
+                    lost = holders.len() - still as usize,
+                    "fleet leases expired before renewal"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => {
+                shared.degrade(&error);
+                return;
+            }
+        }
+    }
+}
+
+async fn sync_quotas(shared: &Shared) {
+    let count = lock(&shared.quotas).len();
+    for index in 0..count {
+        let Some((key, capacity, quota, view)) = lock(&shared.quotas).get(index).map(|sync| {
+            (
+                sync.key.clone(),
+                sync.capacity,
+                sync.quota.clone(),
+                sync.view,
+            )
+        }) else {
+            return;
+        };
+        let observed = quota.available();
+        let delta = i64::from(observed) - i64::from(view);
+        match shared
+            .timed(shared.store.add_tokens(&key, capacity, delta))
+            .await
+        {
+            Ok(fleet_has) => {
+                let new_view = shared
+                    .config
+                    .scaled(fleet_has)
+                    .min(fleet_has)
+                    .min(shared.config.scaled(capacity));
+                quota.rebase(observed, new_view);
+                if let Some(sync) = lock(&shared.quotas).get_mut(index) {
+                    sync.view = new_view;
+                }
+            }
+            Err(error) => {
+                shared.degrade(&error);
+                return;
+            }
+        }
+    }
+}

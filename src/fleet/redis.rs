@@ -1,0 +1,238 @@
+//! [`RedisStore`]: the fleet's state on Redis (or Valkey), one script per operation.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Script};
+
+use super::store::{Acquired, SharedStore, StoreError, StoreFuture};
+
+/// The server's clock in milliseconds, inside a script: every worker's
+/// leases expire by the same clock, whatever the workers' clocks say.
+const NOW_MS: &str = "local t = redis.call('TIME') \
+     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) ";
+
+/// KEYS[1]: the semaphore (a sorted set: holder -> lease expiry in ms).
+/// ARGV: cap, lease ms, holder. Drops expired leases, then takes a slot, or
+/// answers how long until the earliest lease expires.
+const ACQUIRE: &str = "
+local cap = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < cap then
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], lease * 2)
+  return {1, 0}
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {0, math.max(0, tonumber(first[2]) - now)}
+";
+
+/// KEYS[1]: the semaphore. ARGV: lease ms, holders... Extends the leases
+/// still held (XX: an expired one is not brought back); how many.
+const RENEW: &str = "
+local lease = tonumber(ARGV[1])
+local held = 0
+for i = 2, #ARGV do
+  held = held + redis.call('ZADD', KEYS[1], 'XX', 'CH', now + lease, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], lease * 2)
+return held
+";
+
+/// KEYS[1]: a token counter. ARGV: capacity, delta. Starts full; clamped
+/// to 0..=capacity.
+const ADD_TOKENS: &str = "
+local cap = tonumber(ARGV[1])
+local held = tonumber(redis.call('GET', KEYS[1]) or cap)
+local after = math.max(0, math.min(cap, held + tonumber(ARGV[2])))
+redis.call('SET', KEYS[1], after)
+return after
+";
+
+/// The fleet's state on a Redis or Valkey server.
+///
+/// One multiplexed connection that reconnects by itself (redis-rs's
+/// `ConnectionManager`), opened lazily: a store made while the server is
+/// down works once it is up. Every operation is one script call, atomic on
+/// the server, and bounded by the response timeout (the fleet's
+/// `op_timeout` bounds it again).
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tower_overload::fleet::RedisStore;
+/// let store = RedisStore::open("redis://127.0.0.1:6379/").unwrap();
+/// # let _ = store;
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    connection: ConnectionManager,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
+    acquire: Script,
+    renew: Script,
+    add_tokens: Script,
+}
+
+impl RedisStore {
+    /// A store on the server at `url` (`redis://host:port/db`, or
+    /// `rediss://` with redis-rs's TLS features), with a 100 ms response
+    /// timeout. Must be called inside a Tokio runtime. Fails only on a URL
+    /// that does not parse: the server may be down.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = tower_overload::fleet::RedisStore::open("redis://127.0.0.1/").unwrap();
+    /// # let _ = store;
+    /// # }
+    /// ```
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with_timeout(url, Duration::from_millis(100))
+    }
+
+    /// [`open`](Self::open) with another response (and connect) timeout.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # use std::time::Duration;
+    /// let store = tower_overload::fleet::RedisStore::open_with_timeout("redis://127.0.0.1/", Duration::from_millis(50)).unwrap();
+    /// # let _ = store;
+    /// # }
+    /// ```
+    pub fn open_with_timeout(url: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let client = Client::open(url).map_err(|error| StoreError::new(error.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout))
+            // Reconnects are the fleet's job (it rechecks while degraded):
+            // a call never waits on a reconnect loop.
+            .set_number_of_retries(1)
+            .set_max_delay(timeout);
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|error| StoreError::new(error.to_string()))?;
+        let script = |body: &str| Script::new(&format!("{NOW_MS}{body}"));
+        Ok(Self {
+            connection,
+            scripts: Arc::new(Scripts {
+                acquire: script(ACQUIRE),
+                renew: script(RENEW),
+                add_tokens: Script::new(ADD_TOKENS),
+            }),
+        })
+    }
+}
+
+fn failed(error: redis::RedisError) -> StoreError {
+    StoreError::new(error.to_string())
+}
+
+impl SharedStore for RedisStore {
+    fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+        cap: u32,
+        lease: Duration,
+        holder: &'a str,
+    ) -> StoreFuture<'a, Acquired> {
+        let mut connection = self.connection.clone();
+        Box::pin(async move {
+            let (granted, wait_ms): (i64, i64) = self
+                .scripts
+                .acquire
+                .key(key)
+                .arg(cap)
+                .arg(millis(lease))
+                .arg(holder)
+                .invoke_async(&mut connection)
+                .await
+                .map_err(failed)?;
+            Ok(if granted == 1 {
+                Acquired::Granted
+            } else {
+                Acquired::Full {
+                    earliest_expiry: Duration::from_millis(wait_ms.max(0) as u64),
+                }
+            })
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        holders: &'a [String],
+        lease: Duration,
+    ) -> StoreFuture<'a, u32> {
+        let mut connection = self.connection.clone();
+        Box::pin(async move {
+            let mut invocation = self.scripts.renew.key(key);
+            invocation.arg(millis(lease));
+            for holder in holders {
+                invocation.arg(holder);
+            }
+            let held: u32 = invocation
+                .invoke_async(&mut connection)
+                .await
+                .map_err(failed)?;
+            Ok(held)
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a str, holders: &'a [String]) -> StoreFuture<'a, ()> {
+        let mut connection = self.connection.clone();
+        Box::pin(async move {
+            if holders.is_empty() {
+                return Ok(());
+            }
+            redis::cmd("ZREM")
+                .arg(key)
+                .arg(holders)
+                .query_async::<()>(&mut connection)
+                .await
+                .map_err(failed)
+        })
+    }
+
+    fn add_tokens<'a>(&'a self, key: &'a str, capacity: u32, delta: i64) -> StoreFuture<'a, u32> {
+        let mut connection = self.connection.clone();
+        Box::pin(async move {
+            let after: u32 = self
+                .scripts
+                .add_tokens
+                .key(key)
+                .arg(capacity)
+                .arg(delta)
+                .invoke_async(&mut connection)
+                .await
+                .map_err(failed)?;
+            Ok(after)
+        })
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        let mut connection = self.connection.clone();
+        Box::pin(async move {
+            redis::cmd("PING")
+                .query_async::<()>(&mut connection)
+                .await
+                .map_err(failed)
+        })
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may hold a password: not printed.
+        f.debug_struct("RedisStore").finish_non_exhaustive()
+    }
+}

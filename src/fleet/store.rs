@@ -1,0 +1,116 @@
+//! The store abstraction: the few atomic operations a fleet shares, whatever
+//! engine holds them.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// A boxed future of a store operation.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// What a fleet shares, as atomic operations on named state.
+///
+/// [`RedisStore`](super::RedisStore) implements it on Redis or Valkey with
+/// server-side scripts; implement it for another engine (or a test double
+/// that fails on demand). Every operation must be atomic on the server: the
+/// workers of a fleet call them concurrently. Times are measured by the
+/// store (the server's clock), never by a worker's, so workers whose clocks
+/// disagree still agree on when a lease expires.
+///
+/// ```
+/// use tower_overload::fleet::{Acquired, SharedStore, StoreError, StoreFuture};
+/// # use std::time::Duration;
+/// /// A store that is always down: every worker falls back to its local share.
+/// #[derive(Debug)]
+/// struct Down;
+/// impl SharedStore for Down {
+///     fn acquire<'a>(&'a self, _: &'a str, _: u32, _: Duration, _: &'a str) -> StoreFuture<'a, Acquired> {
+///         Box::pin(async { Err(StoreError::new("down")) })
+///     }
+///     fn renew<'a>(&'a self, _: &'a str, _: &'a [String], _: Duration) -> StoreFuture<'a, u32> {
+///         Box::pin(async { Err(StoreError::new("down")) })
+///     }
+///     fn release<'a>(&'a self, _: &'a str, _: &'a [String]) -> StoreFuture<'a, ()> {
+///         Box::pin(async { Err(StoreError::new("down")) })
+///     }
+///     fn add_tokens<'a>(&'a self, _: &'a str, _: u32, _: i64) -> StoreFuture<'a, u32> {
+///         Box::pin(async { Err(StoreError::new("down")) })
+///     }
+///     fn ping(&self) -> StoreFuture<'_, ()> {
+///         Box::pin(async { Err(StoreError::new("down")) })
+///     }
+/// }
+/// ```
+pub trait SharedStore: fmt::Debug + Send + Sync + 'static {
+    /// Takes one of `cap` slots of the semaphore `key` for `holder` for
+    /// `lease` (first dropping leases that expired), or says when the
+    /// earliest lease expires.
+    fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+        cap: u32,
+        lease: Duration,
+        holder: &'a str,
+    ) -> StoreFuture<'a, Acquired>;
+
+    /// Extends the leases of `holders` on `key` by `lease` from now; the
+    /// number still held (a lease that expired is not brought back).
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        holders: &'a [String],
+        lease: Duration,
+    ) -> StoreFuture<'a, u32>;
+
+    /// Gives back the slots of `holders` on `key`.
+    fn release<'a>(&'a self, key: &'a str, holders: &'a [String]) -> StoreFuture<'a, ()>;
+
+    /// Adds `delta` (negative to take) to the token counter `key`, which
+    /// starts full at `capacity` and stays within `0..=capacity`; the
+    /// count after the change.
+    fn add_tokens<'a>(&'a self, key: &'a str, capacity: u32, delta: i64) -> StoreFuture<'a, u32>;
+
+    /// Whether the store answers.
+    fn ping(&self) -> StoreFuture<'_, ()>;
+}
+
+/// The answer of [`SharedStore::acquire`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquired {
+    /// The slot is held until the lease runs out or is released.
+    Granted,
+    /// Every slot is held; the earliest lease expires after this long.
+    Full {
+        /// Until the earliest lease expires (a release may come sooner).
+        earliest_expiry: Duration,
+    },
+}
+
+/// A store operation that failed: unreachable, slow, or an error reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError {
+    message: String,
+}
+
+impl StoreError {
+    /// An error with this message.
+    ///
+    /// ```
+    /// # use tower_overload::fleet::StoreError;
+    /// assert_eq!(StoreError::new("timed out").to_string(), "fleet store: timed out");
+    /// ```
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "fleet store: {}", self.message)
+    }
+}
+
+impl std::error::Error for StoreError {}

@@ -1,0 +1,292 @@
+//! Workers sharing a fleet through a real redis-server on 127.0.0.1: one
+//! per-model cap for all, slots of a lost worker freed within one lease,
+//! one retry quota for all, and a store that dies and comes back without a
+//! call hanging, failing or being sent twice.
+//!
+//! Each worker here is a `Fleet` with its own connection (and, for the
+//! crash, its own runtime); tests/fleet_processes.rs runs real processes.
+//! The server is another process, so these tests run on the real clock.
+#![cfg(all(feature = "redis", feature = "concurrency", feature = "retry"))]
+
+#[path = "support/redis.rs"]
+mod redis_server;
+mod support;
+
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use redis_server::RedisServer;
+use support::{MockUpstream, Reply, client, messages_request};
+use tower::{Layer, ServiceBuilder, ServiceExt};
+use tower_overload::backoff::{Backoff, Jitter};
+use tower_overload::concurrency::ConcurrencyPerModelLayer;
+use tower_overload::fleet::{Fleet, FleetConfig, RedisStore};
+use tower_overload::retry::{ClassPolicy, OverloadRetryLayer, RetryPolicy};
+
+const MODEL: &str = "claude-opus-4-6";
+
+fn worker(redis: &RedisServer, config: FleetConfig) -> Fleet {
+    Fleet::new(RedisStore::open(&redis.url()).unwrap(), config)
+}
+
+/// A streamed body: the upstream is busy until its last chunk.
+fn streamed() -> Reply {
+    Reply::slow_body(
+        &["data: a\n\n", "data: b\n\n", "data: c\n\n"],
+        Duration::from_millis(5),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_workers_share_one_cap_of_eight() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    mock.set_default(streamed());
+    let workers: Vec<Fleet> = (0..4)
+        .map(|_| worker(&redis, FleetConfig::default().share(0.25)))
+        .collect();
+    let services: Vec<_> = workers
+        .iter()
+        .map(|fleet| {
+            ConcurrencyPerModelLayer::new(8)
+                .fleet(fleet.clone())
+                .layer(client())
+        })
+        .collect();
+    let mut calls = tokio::task::JoinSet::new();
+    for call in 0..240 {
+        let service = services[call % 4].clone();
+        let request = messages_request(&mock, MODEL);
+        calls.spawn(async move {
+            let response = service.oneshot(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.into_body().collect().await.unwrap().to_bytes()
+        });
+    }
+    while let Some(body) = calls.join_next().await {
+        assert_eq!(&body.unwrap()[..], b"data: a\n\ndata: b\n\ndata: c\n\n");
+    }
+    assert_eq!(mock.request_count(), 240);
+    let peak = mock.peak_in_flight(MODEL);
+    assert!(peak <= 8, "the fleet's cap is 8, the upstream saw {peak}");
+    assert!(peak >= 6, "the cap was used: {peak}");
+    for fleet in &workers {
+        let snapshot = fleet.snapshot();
+        assert!(!snapshot.degraded, "{snapshot:?}");
+        assert_eq!(snapshot.local_calls, 0, "{snapshot:?}");
+        assert_eq!(
+            snapshot.leases_held, 0,
+            "every lease was released: {snapshot:?}"
+        );
+    }
+    let shared: u64 = workers
+        .iter()
+        .map(|fleet| fleet.snapshot().shared_calls)
+        .sum();
+    assert_eq!(shared, 240);
+}
+
+#[test]
+fn a_lost_worker_frees_its_slots_within_one_lease() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let lease = Duration::from_secs(1);
+    let config = FleetConfig::default().lease(lease).share(0.5);
+    let survivor_runtime = tokio::runtime::Runtime::new().unwrap();
+    let mock = survivor_runtime.block_on(MockUpstream::start());
+    // A worker holding all 4 slots with bodies that never end, on a runtime
+    // of its own that is then torn down: a crash, as far as the store can tell.
+    let lost_runtime = tokio::runtime::Runtime::new().unwrap();
+    lost_runtime.block_on(async {
+        mock.set_default(Reply::slow_body(&["x"; 1000], Duration::from_secs(1)));
+        let fleet = worker(&redis, config.clone());
+        let service = ConcurrencyPerModelLayer::new(4)
+            .fleet(fleet.clone())
+            .layer(client());
+        let mut bodies = Vec::new();
+        for _ in 0..4 {
+            let response = service
+                .clone()
+                .oneshot(messages_request(&mock, MODEL))
+                .await
+                .unwrap();
+            bodies.push(response.into_body());
+        }
+        assert_eq!(fleet.snapshot().leases_held, 4);
+        // Neither released nor renewed again: the process "died".
+        std::mem::forget(bodies);
+    });
+    lost_runtime.shutdown_background();
+    survivor_runtime.block_on(async {
+        mock.set_default(Reply::ok());
+        let fleet = worker(&redis, config);
+        let service = ConcurrencyPerModelLayer::new(4)
+            .queue_timeout(Some(Duration::from_secs(5)))
+            .fleet(fleet.clone())
+            .layer(client());
+        let started = tokio::time::Instant::now();
+        let response = service
+            .oneshot(messages_request(&mock, MODEL))
+            .await
+            .unwrap();
+        response.into_body().collect().await.unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited <= lease + Duration::from_millis(300),
+            "the slots came back after {waited:?}, the lease is {lease:?}"
+        );
+        assert!(fleet.snapshot().waits >= 1, "it had to wait for them");
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_store_falls_back_to_the_local_share_and_back_again() {
+    let Some(mut redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    mock.set_default(streamed());
+    let fleet = worker(
+        &redis,
+        FleetConfig::default()
+            .share(0.5)
+            .recheck(Duration::from_millis(100)),
+    );
+    let service = ConcurrencyPerModelLayer::new(4)
+        .fleet(fleet.clone())
+        .layer(client());
+    let run = |count: usize| {
+        let service = service.clone();
+        let mock = &mock;
+        let requests: Vec<_> = (0..count).map(|_| messages_request(mock, MODEL)).collect();
+        async move {
+            let mut calls = tokio::task::JoinSet::new();
+            for request in requests {
+                let service = service.clone();
+                calls.spawn(async move {
+                    let response = service.oneshot(request).await.unwrap();
+                    response.into_body().collect().await.unwrap();
+                });
+            }
+            while let Some(done) = calls.join_next().await {
+                done.unwrap();
+            }
+        }
+    };
+    run(20).await;
+    assert_eq!(fleet.snapshot().shared_calls, 20);
+    assert!(mock.peak_in_flight(MODEL) <= 4);
+
+    redis.kill();
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), run(20))
+        .await
+        .expect("no call hangs on a dead store");
+    let down = fleet.snapshot();
+    assert!(down.degraded, "{down:?}");
+    assert_eq!(
+        down.episodes, 1,
+        "one episode, however many calls: {down:?}"
+    );
+    assert_eq!(down.local_calls, 20, "{down:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(mock.request_count(), 40, "every call sent exactly once");
+
+    redis.restart();
+    let back = tokio::time::Instant::now();
+    while fleet.snapshot().degraded {
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "the store is used again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    run(20).await;
+    let after = fleet.snapshot();
+    assert_eq!(after.shared_calls, 40, "{after:?}");
+    assert_eq!(after.episodes, 1);
+    assert_eq!(after.leases_held, 0, "{after:?}");
+    assert_eq!(mock.request_count(), 60);
+}
+
+/// A policy that retries overloads fast (the quota is what is tested).
+fn fast_retries() -> RetryPolicy {
+    RetryPolicy::foreground()
+        .overloaded(ClassPolicy::new(
+            5,
+            Backoff::new(
+                Duration::from_millis(1),
+                Duration::from_millis(5),
+                Jitter::Full,
+            ),
+        ))
+        .retry_quota(Some(tower_overload::budget::RetryQuota::new(50, 5, 10)))
+        .deadline(None)
+        .seed(20)
+}
+
+/// Attempts the upstream saw for `calls` calls spread over four retry
+/// layers in a full outage.
+async fn outage_attempts(policies: Vec<RetryPolicy>, calls: usize) -> usize {
+    let mock = MockUpstream::start().await;
+    mock.set_default(Reply::overloaded());
+    let services: Vec<_> = policies
+        .into_iter()
+        .map(|policy| {
+            ServiceBuilder::new()
+                .layer(OverloadRetryLayer::new(policy))
+                .service(client())
+        })
+        .collect();
+    for round in 0..calls / 4 {
+        let mut batch = tokio::task::JoinSet::new();
+        for service in &services {
+            let call = service.clone().oneshot(messages_request(&mock, MODEL));
+            batch.spawn(async move {
+                let response = call.await.unwrap();
+                response.into_body().collect().await.unwrap();
+            });
+        }
+        while batch.join_next().await.is_some() {}
+        if round % 10 == 0 {
+            // Let the background syncs run between bursts, as calls spread over time would.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+    mock.request_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_costs_the_fleet_one_quota_not_one_per_worker() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let calls = 400;
+    let fleets: Vec<Fleet> = (0..4)
+        .map(|_| worker(&redis, FleetConfig::default().share(0.25)))
+        .collect();
+    let shared = outage_attempts(
+        fleets
+            .iter()
+            .map(|fleet| fast_retries().fleet(fleet))
+            .collect(),
+        calls,
+    )
+    .await;
+    let alone = outage_attempts((0..4).map(|_| fast_retries()).collect(), calls).await;
+    // A quota of 50 at 5 a retry: 10 retries for the fleet, 40 for four alone.
+    let ratio = shared as f64 / calls as f64;
+    assert!(
+        ratio <= 1.1,
+        "fleet-wide attempts per call {ratio}: {shared} for {calls}"
+    );
+    assert!(shared <= calls + 16, "{shared}");
+    assert!(alone >= calls + 40, "four quotas of their own: {alone}");
+}
