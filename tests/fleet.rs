@@ -290,3 +290,94 @@ async fn an_outage_costs_the_fleet_one_quota_not_one_per_worker() {
     assert!(shared <= calls + 16, "{shared}");
     assert!(alone >= calls + 40, "four quotas of their own: {alone}");
 }
+
+#[cfg(feature = "fallback")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_probes_a_resting_model_for_the_whole_fleet() {
+    use tower_overload::fallback::{Cooldown, ModelFallbackLayer};
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    const SONNET: &str = "claude-sonnet-4-6";
+    let rest = Duration::from_millis(600);
+    let mock = MockUpstream::start().await;
+    mock.storm(MODEL, Duration::from_secs(3600), Reply::overloaded());
+    let workers: Vec<Fleet> = (0..4)
+        .map(|_| worker(&redis, FleetConfig::default().share(0.25)))
+        .collect();
+    let services: Vec<_> = workers
+        .iter()
+        .map(|fleet| {
+            ModelFallbackLayer::new([MODEL, SONNET])
+                .cooldown(Cooldown {
+                    overloads: 2,
+                    window: Duration::from_secs(60),
+                    cooldown: rest,
+                    max_cooldown: rest,
+                })
+                .fleet(fleet.clone())
+                .layer(client())
+        })
+        .collect();
+    let call = |worker: usize| {
+        let call = services[worker]
+            .clone()
+            .oneshot(messages_request(&mock, MODEL));
+        async move {
+            let response = call.await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.into_body().collect().await.unwrap();
+        }
+    };
+    // Worker 0 meets the storm and its breaker opens; the fleet hears of it.
+    call(0).await;
+    call(0).await;
+    let opened = mock.requests().len();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let opus = |mock: &MockUpstream| {
+        mock.requests()
+            .iter()
+            .filter(|request| request.model.as_deref() == Some(MODEL))
+            .map(|request| request.at)
+            .collect::<Vec<_>>()
+    };
+    let before = opus(&mock).len();
+    assert_eq!(before, 2, "{opened} requests");
+    // Every worker calls every 10 ms for 3 s while the storm goes on.
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        futures::future::join_all((0..4).map(call)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let probes = opus(&mock).split_off(before);
+    // One probe per rest for the fleet (a rest of 0.6 s plus up to a sync
+    // or two of delay), never two at once; four workers alone would probe
+    // four times as often.
+    assert!(
+        (2..=5).contains(&probes.len()),
+        "{} probes in 3 s of storm: {probes:?}",
+        probes.len()
+    );
+    for pair in probes.windows(2) {
+        let gap = pair[1].duration_since(pair[0]);
+        assert!(
+            gap >= rest - Duration::from_millis(50),
+            "two probes {gap:?} apart"
+        );
+    }
+    // The storm ends: the next probe succeeds and every worker is back on opus.
+    mock.storm(MODEL, Duration::ZERO, Reply::overloaded());
+    let ended = tokio::time::Instant::now();
+    loop {
+        let served = opus(&mock).len();
+        futures::future::join_all((0..4).map(call)).await;
+        if opus(&mock).len() >= served + 4 {
+            break;
+        }
+        assert!(
+            ended.elapsed() < Duration::from_secs(3),
+            "opus never came back for all"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

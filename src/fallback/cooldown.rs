@@ -95,6 +95,13 @@ enum State {
 pub(crate) struct Breaker {
     policy: Cooldown,
     state: Mutex<State>,
+    /// The fleet this breaker is shared with, if any: while its store is
+    /// up, only the fleet's sync lets a rest end in a probe.
+    #[cfg(feature = "redis")]
+    fleet: Option<crate::fleet::Fleet>,
+    /// What the breaker did since the fleet last synced.
+    #[cfg(feature = "redis")]
+    event: Mutex<Option<crate::fleet::BreakerEvent>>,
 }
 
 impl Breaker {
@@ -105,6 +112,19 @@ impl Breaker {
                 overloads: 0,
                 since: None,
             }),
+            #[cfg(feature = "redis")]
+            fleet: None,
+            #[cfg(feature = "redis")]
+            event: Mutex::new(None),
+        }
+    }
+
+    /// A breaker shared with `fleet` (the caller registers it).
+    #[cfg(feature = "redis")]
+    pub(crate) fn shared_with(policy: Cooldown, fleet: crate::fleet::Fleet) -> Self {
+        Self {
+            fleet: Some(fleet),
+            ..Self::new(policy)
         }
     }
 
@@ -112,10 +132,31 @@ impl Breaker {
         crate::sync::lock(&self.state)
     }
 
+    /// Whether the fleet decides when a rest ends (its store is up).
+    fn gated(&self) -> bool {
+        #[cfg(feature = "redis")]
+        return self
+            .fleet
+            .as_ref()
+            .is_some_and(crate::fleet::Fleet::is_available);
+        #[cfg(not(feature = "redis"))]
+        false
+    }
+
+    /// Notes a change the fleet must hear of.
+    #[cfg(feature = "redis")]
+    fn record(&self, event: crate::fleet::BreakerEvent) {
+        if self.fleet.is_some() {
+            *crate::sync::lock(&self.event) = Some(event);
+        }
+    }
+
     pub(crate) fn admit(&self, now: Instant) -> Admission {
         let mut state = self.state();
         match *state {
             State::Closed { .. } => Admission::Use,
+            // Shared with a fleet: its sync picks the one worker that probes.
+            State::Open { until, .. } if now >= until && self.gated() => Admission::Skip,
             State::Open { until, rest } if now >= until => {
                 *state = State::HalfOpen {
                     probing: true,
@@ -149,6 +190,8 @@ impl Breaker {
                     until: now + rest,
                     rest,
                 };
+                #[cfg(feature = "redis")]
+                self.record(crate::fleet::BreakerEvent::Opened { rest });
             }
             State::Closed { overloads, since } => {
                 let fresh =
@@ -159,6 +202,10 @@ impl Breaker {
                     (overloads + 1, since.unwrap_or(now))
                 };
                 *state = if overloads >= policy.overloads.max(1) {
+                    #[cfg(feature = "redis")]
+                    self.record(crate::fleet::BreakerEvent::Opened {
+                        rest: policy.cooldown,
+                    });
                     State::Open {
                         until: now + policy.cooldown,
                         rest: policy.cooldown,
@@ -180,6 +227,10 @@ impl Breaker {
         let mut state = self.state();
         match *state {
             State::HalfOpen { rest, .. } if probe => {
+                #[cfg(feature = "redis")]
+                if success {
+                    self.record(crate::fleet::BreakerEvent::Closed);
+                }
                 *state = if success {
                     State::Closed {
                         overloads: 0,
@@ -228,6 +279,66 @@ impl Breaker {
     }
 }
 
+#[cfg(feature = "redis")]
+impl crate::fleet::SyncedBreaker for Breaker {
+    fn take_event(&self) -> Option<crate::fleet::BreakerEvent> {
+        crate::sync::lock(&self.event).take()
+    }
+
+    fn restore_event(&self, event: crate::fleet::BreakerEvent) {
+        crate::sync::lock(&self.event).get_or_insert(event);
+    }
+
+    fn apply(&self, fleet: crate::fleet::BreakerState, hold: Duration) {
+        use crate::fleet::BreakerState;
+        // A change made during the sync is published by the next one first.
+        let pending = crate::sync::lock(&self.event).is_some();
+        if pending {
+            return;
+        }
+        let now = Instant::now();
+        let mut state = self.state();
+        let probing = matches!(*state, State::HalfOpen { probing: true, .. });
+        match fleet {
+            BreakerState::Closed => {
+                if !matches!(*state, State::Closed { .. }) {
+                    *state = State::Closed {
+                        overloads: 0,
+                        since: None,
+                    };
+                }
+            }
+            BreakerState::Open { remaining, rest } if !probing => {
+                *state = State::Open {
+                    until: now + remaining,
+                    rest,
+                };
+            }
+            BreakerState::HalfOpen {
+                probe_is_yours: true,
+                rest,
+            } => {
+                if !matches!(*state, State::HalfOpen { .. }) {
+                    *state = State::HalfOpen {
+                        probing: false,
+                        rest,
+                    };
+                }
+            }
+            BreakerState::HalfOpen {
+                probe_is_yours: false,
+                rest,
+            } if !probing => {
+                *state = State::Open {
+                    until: now + hold,
+                    rest,
+                };
+            }
+            BreakerState::Open { .. } | BreakerState::HalfOpen { .. } => {}
+        }
+    }
+}
+
 /// One call's view of one model's breaker, handed to the retry layer
 /// inside as a [`BreakerSignal`](crate::breaker_signal::BreakerSignal).
 ///
@@ -253,7 +364,10 @@ impl CallOnModel {
     }
 
     fn breaker(&self) -> Option<&Breaker> {
-        self.shared.breakers.get(&self.model)
+        self.shared
+            .breakers
+            .get(&self.model)
+            .map(|breaker| &**breaker)
     }
 
     /// Counts this call's overload, once however often it is reported.

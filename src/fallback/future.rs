@@ -173,7 +173,10 @@ where
     }
 
     fn breaker_at(&self, position: usize) -> Option<&super::cooldown::Breaker> {
-        self.shared.breakers.get(self.model_at(position)?)
+        self.shared
+            .breakers
+            .get(self.model_at(position)?)
+            .map(|breaker| &**breaker)
     }
 
     fn chain_len(&self) -> usize {

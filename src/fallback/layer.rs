@@ -32,6 +32,8 @@ pub struct ModelFallbackLayer {
     triggers: Vec<Class>,
     served_by_header: Option<HeaderName>,
     fall_back_when_saturated: bool,
+    #[cfg(feature = "redis")]
+    fleet: Option<crate::fleet::Fleet>,
     shared: Arc<OnceLock<Arc<Shared>>>,
 }
 
@@ -55,6 +57,8 @@ impl ModelFallbackLayer {
             triggers: vec![Class::Overloaded],
             served_by_header: None,
             fall_back_when_saturated: true,
+            #[cfg(feature = "redis")]
+            fleet: None,
             shared: Arc::new(OnceLock::new()),
         }
     }
@@ -125,6 +129,41 @@ impl ModelFallbackLayer {
         self
     }
 
+    /// A model's breaker: shared with the fleet when there is one.
+    fn breaker(&self, model: &crate::Model) -> Arc<Breaker> {
+        #[cfg(feature = "redis")]
+        if let Some(fleet) = &self.fleet {
+            let breaker = Arc::new(Breaker::shared_with(self.cooldown, fleet.clone()));
+            let synced: Arc<dyn crate::fleet::SyncedBreaker> = breaker.clone();
+            fleet.register_breaker(model.as_str(), Arc::downgrade(&synced));
+            return breaker;
+        }
+        let _ = model;
+        Arc::new(Breaker::new(self.cooldown))
+    }
+
+    /// Shares the cooldowns with the fleet: when one worker's breaker opens
+    /// for a model, every worker skips it for the rest; when the rest is
+    /// over, one worker of the fleet probes it, and its success closes the
+    /// breaker everywhere (its failure doubles the rest everywhere). Synced
+    /// in the background (every 100 ms by default); while the store is
+    /// down each worker's breakers work alone. See [`crate::fleet`].
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tower_overload::fallback::ModelFallbackLayer;
+    /// use tower_overload::fleet::{Fleet, FleetConfig, RedisStore};
+    /// let fleet = Fleet::new(RedisStore::open("redis://127.0.0.1/").unwrap(), FleetConfig::default());
+    /// let layer = ModelFallbackLayer::new(["claude-opus-4-6", "claude-sonnet-4-6"]).fleet(fleet);
+    /// # }
+    /// ```
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn fleet(mut self, fleet: crate::fleet::Fleet) -> Self {
+        self.fleet = Some(fleet);
+        self.reset()
+    }
+
     fn shared(&self) -> Arc<Shared> {
         let shared = self.shared.get_or_init(|| {
             let mut positions = HashMap::new();
@@ -136,7 +175,7 @@ impl ModelFallbackLayer {
                         .or_insert((chain, position));
                     breakers
                         .entry(step.model.clone())
-                        .or_insert_with(|| Breaker::new(self.cooldown));
+                        .or_insert_with(|| self.breaker(&step.model));
                 }
             }
             Arc::new(Shared {

@@ -217,7 +217,7 @@ pub(crate) struct Shared {
     chains: Vec<Vec<FallbackStep>>,
     /// Where each model stands: (chain, position). The first chain naming a model wins.
     positions: HashMap<Model, (usize, usize)>,
-    breakers: HashMap<Model, Breaker>,
+    breakers: HashMap<Model, Arc<Breaker>>,
     triggers: Vec<Class>,
     served_by_header: Option<HeaderName>,
     fall_back_when_saturated: bool,

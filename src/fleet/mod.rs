@@ -78,7 +78,7 @@ use tokio::time::Instant;
 
 pub use self::lease::FleetLease;
 pub use self::redis::RedisStore;
-pub use self::store::{Acquired, SharedStore, StoreError, StoreFuture};
+pub use self::store::{Acquired, BreakerEvent, BreakerState, SharedStore, StoreError, StoreFuture};
 use crate::budget::RetryQuota;
 use crate::sync::lock;
 
@@ -284,7 +284,24 @@ pub(crate) struct Shared {
     /// The local semaphores used while the store is down, by key (bounded).
     local: Mutex<HashMap<String, Arc<Semaphore>>>,
     quotas: Mutex<Vec<QuotaSync>>,
+    /// Breakers synced with the fleet's, by store key.
+    breakers: Mutex<Vec<(String, Weak<dyn SyncedBreaker>)>>,
 }
+
+/// A breaker whose state the fleet shares (the fallback layer's cooldowns).
+pub(crate) trait SyncedBreaker: Send + Sync {
+    /// What it did since the last sync, taken.
+    fn take_event(&self) -> Option<BreakerEvent>;
+    /// Puts back an event whose sync failed (unless a newer one is there).
+    fn restore_event(&self, event: BreakerEvent);
+    /// Follows the fleet's state; `hold` is how long to keep skipping a
+    /// model another worker probes (until the next sync).
+    fn apply(&self, state: BreakerState, hold: Duration);
+}
+
+/// How long a worker may hold the fleet's one probe of a model before
+/// another may take it (a crashed prober must not keep the model out).
+const PROBE_TTL: Duration = Duration::from_secs(30);
 
 /// The most keys with a local fallback semaphore of their own; more share one.
 const MAX_LOCAL_KEYS: usize = 1024;
@@ -325,6 +342,7 @@ impl Fleet {
             released: Notify::new(),
             local: Mutex::new(HashMap::new()),
             quotas: Mutex::new(Vec::new()),
+            breakers: Mutex::new(Vec::new()),
         });
         tokio::spawn(background(Arc::downgrade(&shared), receiver));
         Self { shared }
@@ -381,6 +399,19 @@ impl Fleet {
             waits: shared.waits.load(Ordering::Relaxed),
             leases_held: lock(&shared.held).values().map(HashSet::len).sum(),
         }
+    }
+
+    /// Shares `breaker` (the cooldown of `model`) with the fleet.
+    #[cfg_attr(not(feature = "fallback"), allow(dead_code))]
+    pub(crate) fn register_breaker(&self, model: &str, breaker: Weak<dyn SyncedBreaker>) {
+        let key = self.shared.key("breaker", model);
+        lock(&self.shared.breakers).push((key, breaker));
+    }
+
+    /// Whether the store is in use (not down).
+    #[cfg_attr(not(feature = "fallback"), allow(dead_code))]
+    pub(crate) fn is_available(&self) -> bool {
+        !self.shared.is_degraded()
     }
 
     /// Waits for one of `cap` fleet slots of `name` (until `deadline`,
@@ -550,6 +581,7 @@ async fn background(shared: Weak<Shared>, mut releases: mpsc::UnboundedReceiver<
                 if now.duration_since(synced) >= sync_every {
                     synced = now;
                     sync_quotas(&shared).await;
+                    sync_breakers(&shared).await;
                 }
             }
         }
@@ -590,6 +622,39 @@ async fn renew(shared: &Shared) {
             }
             Ok(_) => {}
             Err(error) => {
+                shared.degrade(&error);
+                return;
+            }
+        }
+    }
+}
+
+async fn sync_breakers(shared: &Shared) {
+    let breakers: Vec<(String, Arc<dyn SyncedBreaker>)> = {
+        let mut registered = lock(&shared.breakers);
+        registered.retain(|(_, breaker)| breaker.strong_count() > 0);
+        registered
+            .iter()
+            .filter_map(|(key, breaker)| Some((key.clone(), breaker.upgrade()?)))
+            .collect()
+    };
+    // Until the next sync, with room for a slow one.
+    let hold = shared.config.sync * 3;
+    for (key, breaker) in breakers {
+        let event = breaker.take_event();
+        match shared
+            .timed(
+                shared
+                    .store
+                    .sync_breaker(&key, &shared.worker, event, PROBE_TTL),
+            )
+            .await
+        {
+            Ok(state) => breaker.apply(state, hold),
+            Err(error) => {
+                if let Some(event) = event {
+                    breaker.restore_event(event);
+                }
                 shared.degrade(&error);
                 return;
             }

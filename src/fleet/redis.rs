@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
-use super::store::{Acquired, SharedStore, StoreError, StoreFuture};
+use super::store::{Acquired, BreakerEvent, BreakerState, SharedStore, StoreError, StoreFuture};
 
 /// The server's clock in milliseconds, inside a script: every worker's
 /// leases expire by the same clock, whatever the workers' clocks say.
@@ -52,6 +52,34 @@ redis.call('SET', KEYS[1], after)
 return after
 ";
 
+/// KEYS[1]: a model's breaker (a hash: until, rest in ms), KEYS[2]: its
+/// probe (the holder's name). ARGV: event ('', 'open', 'close'), rest ms,
+/// holder, probe ttl ms. Answers {state, remaining or mine, rest}: 0 closed,
+/// 1 open, 2 half-open (mine 1 when the holder may probe).
+const SYNC_BREAKER: &str = "
+if ARGV[1] == 'open' then
+  local rest = tonumber(ARGV[2])
+  local untl = now + rest
+  local cur = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
+  if untl > cur then redis.call('HSET', KEYS[1], 'until', untl, 'rest', rest) end
+  redis.call('PEXPIRE', KEYS[1], rest + 600000)
+  if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+elseif ARGV[1] == 'close' then
+  redis.call('DEL', KEYS[1], KEYS[2])
+end
+local untl = tonumber(redis.call('HGET', KEYS[1], 'until') or '-1')
+if untl < 0 then return {0, 0, 0} end
+local rest = tonumber(redis.call('HGET', KEYS[1], 'rest') or '0')
+if now < untl then return {1, untl - now, rest} end
+local owner = redis.call('GET', KEYS[2])
+if not owner then
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', tonumber(ARGV[4]))
+  owner = ARGV[3]
+end
+if owner == ARGV[3] then return {2, 1, rest} end
+return {2, 0, rest}
+";
+
 /// The fleet's state on a Redis or Valkey server.
 ///
 /// One multiplexed connection that reconnects by itself (redis-rs's
@@ -77,6 +105,7 @@ struct Scripts {
     acquire: Script,
     renew: Script,
     add_tokens: Script,
+    sync_breaker: Script,
 }
 
 impl RedisStore {
@@ -122,6 +151,7 @@ impl RedisStore {
                 acquire: script(ACQUIRE),
                 renew: script(RENEW),
                 add_tokens: Script::new(ADD_TOKENS),
+                sync_breaker: script(SYNC_BREAKER),
             }),
         })
     }
@@ -210,6 +240,47 @@ impl SharedStore for RedisStore {
                 .await
                 .map_err(failed)?;
             Ok(after)
+        })
+    }
+
+    fn sync_breaker<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        event: Option<BreakerEvent>,
+        probe_ttl: Duration,
+    ) -> StoreFuture<'a, BreakerState> {
+        let mut connection = self.connection.clone();
+        Box::pin(async move {
+            let (kind, rest) = match event {
+                None => ("", Duration::ZERO),
+                Some(BreakerEvent::Opened { rest }) => ("open", rest),
+                Some(BreakerEvent::Closed) => ("close", Duration::ZERO),
+            };
+            let (state, value, rest_ms): (i64, i64, i64) = self
+                .scripts
+                .sync_breaker
+                .key(key)
+                .key(format!("{key}:probe"))
+                .arg(kind)
+                .arg(millis(rest))
+                .arg(holder)
+                .arg(millis(probe_ttl))
+                .invoke_async(&mut connection)
+                .await
+                .map_err(failed)?;
+            let ms = |value: i64| Duration::from_millis(value.max(0) as u64);
+            Ok(match state {
+                1 => BreakerState::Open {
+                    remaining: ms(value),
+                    rest: ms(rest_ms),
+                },
+                2 => BreakerState::HalfOpen {
+                    probe_is_yours: value == 1,
+                    rest: ms(rest_ms),
+                },
+                _ => BreakerState::Closed,
+            })
         })
     }
 

@@ -19,7 +19,7 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 /// disagree still agree on when a lease expires.
 ///
 /// ```
-/// use tower_overload::fleet::{Acquired, SharedStore, StoreError, StoreFuture};
+/// use tower_overload::fleet::{Acquired, BreakerEvent, BreakerState, SharedStore, StoreError, StoreFuture};
 /// # use std::time::Duration;
 /// /// A store that is always down: every worker falls back to its local share.
 /// #[derive(Debug)]
@@ -35,6 +35,9 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 ///         Box::pin(async { Err(StoreError::new("down")) })
 ///     }
 ///     fn add_tokens<'a>(&'a self, _: &'a str, _: u32, _: i64) -> StoreFuture<'a, u32> {
+///         Box::pin(async { Err(StoreError::new("down")) })
+///     }
+///     fn sync_breaker<'a>(&'a self, _: &'a str, _: &'a str, _: Option<BreakerEvent>, _: Duration) -> StoreFuture<'a, BreakerState> {
 ///         Box::pin(async { Err(StoreError::new("down")) })
 ///     }
 ///     fn ping(&self) -> StoreFuture<'_, ()> {
@@ -71,8 +74,53 @@ pub trait SharedStore: fmt::Debug + Send + Sync + 'static {
     /// count after the change.
     fn add_tokens<'a>(&'a self, key: &'a str, capacity: u32, delta: i64) -> StoreFuture<'a, u32>;
 
+    /// Publishes `event` (this worker's breaker for `key` opened, or its
+    /// probe succeeded) and answers the fleet's breaker state; when the
+    /// rest is over, the one worker allowed to probe is told so
+    /// (`probe_is_yours`), holding the probe for `probe_ttl` at most.
+    fn sync_breaker<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        event: Option<BreakerEvent>,
+        probe_ttl: Duration,
+    ) -> StoreFuture<'a, BreakerState>;
+
     /// Whether the store answers.
     fn ping(&self) -> StoreFuture<'_, ()>;
+}
+
+/// What a worker's breaker did since it last synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerEvent {
+    /// It opened (or its probe failed) for `rest`.
+    Opened {
+        /// How long the model rests.
+        rest: Duration,
+    },
+    /// Its probe succeeded: the model is healthy again.
+    Closed,
+}
+
+/// A model's breaker, as the fleet sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Calls use the model.
+    Closed,
+    /// The model rests for `remaining` more.
+    Open {
+        /// Until the rest is over.
+        remaining: Duration,
+        /// The rest it was given.
+        rest: Duration,
+    },
+    /// The rest is over: one worker of the fleet probes the model.
+    HalfOpen {
+        /// Whether that worker is the one asking.
+        probe_is_yours: bool,
+        /// The last rest (a failed probe doubles it).
+        rest: Duration,
+    },
 }
 
 /// The answer of [`SharedStore::acquire`].
