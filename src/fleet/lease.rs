@@ -24,6 +24,8 @@ enum Held {
         fleet: Arc<Shared>,
         key: String,
         holder: String,
+        /// When the fleet granted it: kept for later calls only so long.
+        taken: Instant,
     },
     Local(#[allow(dead_code)] OwnedSemaphorePermit),
 }
@@ -41,27 +43,110 @@ impl FleetLease {
     }
 }
 
+/// A lease whose call ended, kept for the worker's next call.
+pub(super) struct Idle {
+    holder: String,
+    taken: Instant,
+    since: Instant,
+}
+
+/// How long a kept lease may sit idle before it goes back to the fleet.
+pub(super) const IDLE_TICK: Duration = Duration::from_millis(20);
+
 impl Drop for FleetLease {
     fn drop(&mut self) {
-        if let Held::Shared { fleet, key, holder } = &mut self.held {
-            let mut held = lock(&fleet.held);
-            if let Some(holders) = held.get_mut(key.as_str()) {
-                holders.remove(holder.as_str());
-                if holders.is_empty() {
-                    held.remove(key.as_str());
-                }
-            }
-            drop(held);
-            // Never blocks; fails only when the background task is gone,
-            // and then the lease expires on its own.
-            let _ = fleet
-                .releases
-                .send((std::mem::take(key), std::mem::take(holder)));
+        let Held::Shared {
+            fleet,
+            key,
+            holder,
+            taken,
+        } = &mut self.held
+        else {
+            return;
+        };
+        let now = Instant::now();
+        let (key, holder) = (std::mem::take(key), std::mem::take(holder));
+        if !fleet.is_degraded() && now < *taken + fleet.config.reuse {
+            // Kept (and still renewed) for the next call of this worker.
+            lock(&fleet.idle).entry(key).or_default().push(Idle {
+                holder,
+                taken: *taken,
+                since: now,
+            });
+        } else {
+            give_back(fleet, key, holder);
         }
-        if let Held::Shared { fleet, .. } = &self.held {
-            fleet.released.notify_waiters();
+        fleet.released.notify_waiters();
+    }
+}
+
+/// Stops renewing a lease and sends its release (in the background).
+fn give_back(fleet: &Shared, key: String, holder: String) {
+    let mut held = lock(&fleet.held);
+    if let Some(holders) = held.get_mut(key.as_str()) {
+        holders.remove(holder.as_str());
+        if holders.is_empty() {
+            held.remove(key.as_str());
         }
     }
+    drop(held);
+    // Never blocks; fails only when the background task is gone, and then
+    // the lease expires on its own.
+    let _ = fleet.releases.send((key, holder));
+}
+
+/// Gives back the kept leases idle for a tick, or kept as long as allowed.
+pub(super) fn release_idle(fleet: &Shared, now: Instant) {
+    let mut expired = Vec::new();
+    {
+        let mut idle = lock(&fleet.idle);
+        idle.retain(|key, kept| {
+            kept.retain(|lease| {
+                let keep = now < lease.since + IDLE_TICK && now < lease.taken + fleet.config.reuse;
+                if !keep {
+                    expired.push((key.clone(), lease.holder.clone()));
+                }
+                keep
+            });
+            !kept.is_empty()
+        });
+    }
+    for (key, holder) in expired {
+        give_back(fleet, key, holder);
+    }
+}
+
+/// A lease this worker kept from an ended call, when one is fresh enough.
+fn reuse(fleet: &Arc<Shared>, key: &str) -> Option<FleetLease> {
+    let now = Instant::now();
+    let mut stale = Vec::new();
+    let found = {
+        let mut idle = lock(&fleet.idle);
+        let kept = idle.get_mut(key)?;
+        let mut found = None;
+        while let Some(lease) = kept.pop() {
+            if now < lease.taken + fleet.config.reuse {
+                found = Some(lease);
+                break;
+            }
+            stale.push(lease.holder);
+        }
+        found
+    };
+    for holder in stale {
+        give_back(fleet, key.to_owned(), holder);
+    }
+    let lease = found?;
+    fleet.reused.fetch_add(1, Ordering::Relaxed);
+    fleet.shared_calls.fetch_add(1, Ordering::Relaxed);
+    Some(FleetLease {
+        held: Held::Shared {
+            fleet: Arc::clone(fleet),
+            key: key.to_owned(),
+            holder: lease.holder,
+            taken: lease.taken,
+        },
+    })
 }
 
 impl fmt::Debug for FleetLease {
@@ -90,11 +175,15 @@ pub(super) async fn acquire(
         if fleet.is_degraded() {
             return local(fleet, &key, cap, deadline).await;
         }
+        if let Some(kept) = reuse(fleet, &key) {
+            return Some(kept);
+        }
         let holder = format!(
             "{}:{}",
             fleet.worker,
             fleet.next_lease.fetch_add(1, Ordering::Relaxed)
         );
+        fleet.acquires.fetch_add(1, Ordering::Relaxed);
         let acquired = fleet
             .timed(
                 fleet
@@ -114,6 +203,7 @@ pub(super) async fn acquire(
                         fleet: Arc::clone(fleet),
                         key,
                         holder,
+                        taken: Instant::now(),
                     },
                 });
             }
