@@ -253,13 +253,17 @@ pub use stack::OverloadStack;
 )]
 pub use stack::ServiceBuilderExt;
 
-/// The README's Rust snippets, compiled as doctests so that what it shows works.
+/// The README's Rust snippets, compiled as doctests so that what it shows
+/// works (with every feature they use: the README's test command).
 #[cfg(all(
     doctest,
     feature = "retry",
     feature = "concurrency",
     feature = "fallback",
-    feature = "request-id"
+    feature = "request-id",
+    feature = "health",
+    feature = "redis",
+    feature = "pacing"
 ))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

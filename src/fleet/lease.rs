@@ -116,6 +116,21 @@ pub(super) fn release_idle(fleet: &Shared, now: Instant) {
     }
 }
 
+/// Gives back every kept lease (the store went down, or came back).
+pub(super) fn give_back_idle(fleet: &Shared) {
+    let kept: Vec<(String, String)> = lock(&fleet.idle)
+        .drain()
+        .flat_map(|(key, leases)| {
+            leases
+                .into_iter()
+                .map(move |lease| (key.clone(), lease.holder))
+        })
+        .collect();
+    for (key, holder) in kept {
+        give_back(fleet, key, holder);
+    }
+}
+
 /// A lease this worker kept from an ended call, when one is fresh enough.
 fn reuse(fleet: &Arc<Shared>, key: &str) -> Option<FleetLease> {
     let now = Instant::now();

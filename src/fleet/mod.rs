@@ -39,7 +39,8 @@
 //!   the store stops renewing, and its slots free themselves within one
 //!   lease (default 10 s). So the fleet never has more than the cap in
 //!   flight, except for a worker cut off from the store for longer than a
-//!   lease, whose calls then count only against its local share.
+//!   lease, whose calls then count only against its local share (and,
+//!   once the store is back, until those calls end).
 //! - **Fairness.** Within a worker, calls take slots first come, first
 //!   served (the layer's own queue). Across workers a freed slot goes to the
 //!   first worker to ask after it was freed: each waiting worker asks again
@@ -384,7 +385,8 @@ impl Fleet {
     /// A retry quota shared by the fleet under `name`: `capacity` tokens
     /// for the fleet, a retry costing `retry_cost` (`timeout_cost` after a
     /// timeout). This worker spends from its share of what the fleet has
-    /// left, synced in the background.
+    /// left, synced in the background. Asking again for the same name gives
+    /// the same quota.
     ///
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -401,10 +403,16 @@ impl Fleet {
         retry_cost: u32,
         timeout_cost: u32,
     ) -> RetryQuota {
+        let key = self.shared.key("quota", name);
+        let mut quotas = lock(&self.shared.quotas);
+        // One per name: a policy made per call must not add a sync each time.
+        if let Some(known) = quotas.iter().find(|sync| sync.key == key) {
+            return known.quota.clone();
+        }
         let local = self.shared.config.scaled(capacity);
         let quota = RetryQuota::new(local, retry_cost, timeout_cost);
-        lock(&self.shared.quotas).push(QuotaSync {
-            key: self.shared.key("quota", name),
+        quotas.push(QuotaSync {
+            key,
             capacity,
             quota: quota.clone(),
             view: local,
@@ -472,7 +480,7 @@ impl Shared {
     fn degrade(&self, error: &StoreError) {
         if !self.degraded.swap(true, Ordering::AcqRel) {
             // Kept slots may expire in the store meanwhile: never reused.
-            lock(&self.idle).clear();
+            lease::give_back_idle(self);
             self.episodes.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 target: "tower_overload::fleet",
@@ -639,6 +647,8 @@ async fn background(shared: Weak<Shared>, mut releases: mpsc::UnboundedReceiver<
 
 async fn recheck(shared: &Shared) {
     if shared.timed(shared.store.ping()).await.is_ok() {
+        // Slots kept before the outage may have expired: not reused.
+        lease::give_back_idle(shared);
         shared.degraded.store(false, Ordering::Release);
         tracing::info!(
             target: "tower_overload::fleet",
