@@ -31,6 +31,9 @@ use tokio::time::Instant;
 
 use crate::headers::RateLimitWindow;
 
+/// How soon a bucket lent by a fleet (no refill of its own) asks again.
+const LENT_RECHECK: Duration = Duration::from_millis(100);
+
 /// Why an amount cannot be taken now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shortfall {
@@ -57,6 +60,15 @@ pub struct TokenBucket {
     /// Tokens refilled per second: `capacity / period`, kept so that the
     /// refill on every call does no division.
     per_second: f64,
+    /// The share of the refill this bucket gets itself: 1 alone, a
+    /// worker's share while its fleet's store is down, 0 while the fleet
+    /// lends it tokens (the fleet's bucket refills instead).
+    refill_share: f64,
+    /// Tokens in the level the fleet did not lend: infinite after the
+    /// bucket refilled alone while its store was down, of which only a
+    /// debt goes back.
+    #[cfg_attr(not(all(feature = "redis", feature = "pacing")), allow(dead_code))]
+    unlent: f64,
     updated: Instant,
     paused_until: Option<Instant>,
 }
@@ -79,6 +91,8 @@ impl TokenBucket {
             period,
             level: capacity,
             per_second: capacity / period.as_secs_f64(),
+            refill_share: 1.0,
+            unlent: 0.0,
             updated: now,
             paused_until: None,
         }
@@ -180,6 +194,11 @@ impl TokenBucket {
         // caller only to make it wait again).
         // Saturating: a bucket refilled over ages (a huge `period`) must
         // name a long wait, not panic.
+        if self.per_second <= 0.0 {
+            // Lent by a fleet, it refills only when the fleet lends more
+            // (every sync): ask again then.
+            return Err(Shortfall::Wait(pause.max(LENT_RECHECK)));
+        }
         let refill = Duration::try_from_secs_f64(missing.max(0.0) / self.per_second).map_or(
             Duration::MAX,
             |refill| {
@@ -262,6 +281,58 @@ impl TokenBucket {
         }
     }
 
+    /// Refills at `share` of the rate (0 while a fleet lends the tokens).
+    #[cfg(all(feature = "redis", feature = "pacing"))]
+    pub(crate) fn refill_share(&mut self, share: f64, now: Instant) {
+        self.refill(now);
+        if share > 0.0 && self.refill_share == 0.0 {
+            // Alone again: what it refills is not the fleet's to take back.
+            self.unlent = f64::INFINITY;
+        }
+        self.refill_share = share;
+        self.per_second = self.capacity * share / self.period.as_secs_f64();
+    }
+
+    /// Hands the whole level back to the fleet (a debt too): what the
+    /// bucket held, now empty.
+    #[cfg(all(feature = "redis", feature = "pacing"))]
+    pub(crate) fn lend_back(&mut self, now: Instant) -> f64 {
+        self.refill(now);
+        let level = std::mem::take(&mut self.level);
+        let unlent = std::mem::take(&mut self.unlent);
+        if unlent.is_infinite() {
+            level.min(0.0)
+        } else {
+            level - unlent
+        }
+    }
+
+    /// Starts a worker's bucket empty, with no refill of its own: it holds
+    /// only what the fleet lends it (at the first sync, within 100 ms).
+    /// Tokens of its own before that would be spent by every worker at
+    /// once, before any of them had told the fleet.
+    #[cfg(all(feature = "redis", feature = "pacing"))]
+    pub(crate) fn start_shared(&mut self, now: Instant) {
+        self.refill_share = 0.0;
+        self.per_second = 0.0;
+        self.level = 0.0;
+        self.unlent = 0.0;
+        self.updated = now;
+    }
+
+    /// Receives tokens from the fleet (or back after a failed sync).
+    #[cfg(all(feature = "redis", feature = "pacing"))]
+    pub(crate) fn receive(&mut self, tokens: f64, now: Instant) {
+        self.refill(now);
+        self.level = (self.level + tokens).clamp(-self.capacity, self.capacity);
+    }
+
+    /// The refill period.
+    #[cfg(all(feature = "redis", feature = "pacing"))]
+    pub(crate) fn period(&self) -> Duration {
+        self.period
+    }
+
     /// Corrects the bucket with what a response's `anthropic-ratelimit-*`
     /// window says, the truth about the organisation's bucket: `limit`
     /// becomes the capacity (keeping the level's share of it), and the
@@ -286,7 +357,7 @@ impl TokenBucket {
             if limit != self.capacity {
                 self.level = self.level / self.capacity * limit;
                 self.capacity = limit;
-                self.per_second = limit / self.period.as_secs_f64();
+                self.per_second = limit * self.refill_share / self.period.as_secs_f64();
             }
         }
         if let Some(remaining) = window.remaining {

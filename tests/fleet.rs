@@ -387,3 +387,131 @@ async fn one_worker_probes_a_resting_model_for_the_whole_fleet() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[cfg(feature = "pacing")]
+mod pacing {
+    use super::*;
+    use tower_overload::pacing::{PacingLimits, RateLimitPacingLayer};
+
+    fn paced(fleet: &Fleet, rpm: u64) -> RateLimitPacingLayer {
+        RateLimitPacingLayer::new()
+            .limits_for(
+                MODEL,
+                PacingLimits {
+                    requests_per_minute: Some(rpm),
+                    ..PacingLimits::default()
+                },
+            )
+            .queue_timeout(None)
+            .fleet(fleet.clone())
+    }
+
+    /// Four workers calling as fast as pacing lets them for `seconds`; the
+    /// times the upstream saw their requests.
+    async fn hammer(
+        mock: &MockUpstream,
+        layers: &[RateLimitPacingLayer],
+        seconds: u64,
+    ) -> Vec<tokio::time::Instant> {
+        let stop = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        let mut tasks = tokio::task::JoinSet::new();
+        for layer in layers {
+            for _ in 0..4 {
+                let service = layer.layer(client());
+                let request = {
+                    let mock_url = mock.url("/v1/messages");
+                    move || {
+                        http::Request::post(mock_url.clone())
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                                r#"{{"model":"{MODEL}","max_tokens":8,"messages":[{{"role":"user","content":"hi"}}]}}"#
+                            ))))
+                            .unwrap()
+                    }
+                };
+                tasks.spawn(async move {
+                    loop {
+                        let call = service.clone().oneshot(request());
+                        match tokio::time::timeout_at(stop, call).await {
+                            Ok(Ok(response)) => {
+                                let _ = response.into_body().collect().await;
+                            }
+                            Ok(Err(error)) => panic!("{error}"),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        mock.requests().iter().map(|request| request.at).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn four_workers_pace_under_one_organisation_limit() {
+        let Some(redis) = RedisServer::start_or_skip() else {
+            return;
+        };
+        let mock = MockUpstream::start().await;
+        let rpm = 120; // two a second, a bucket of 120
+        let fleets: Vec<Fleet> = (0..4)
+            .map(|_| worker(&redis, FleetConfig::default().share(0.25)))
+            .collect();
+        let layers: Vec<_> = fleets.iter().map(|fleet| paced(fleet, rpm)).collect();
+        let sent = hammer(&mock, &layers, 4).await;
+        // The whole bucket, plus 4 s of refill at 2 a second: 128. Four
+        // workers pacing alone would send four buckets.
+        assert!(
+            sent.len() <= 128 + 16,
+            "{} requests under a fleet RPM of {rpm} in 4 s",
+            sent.len()
+        );
+        assert!(sent.len() >= 100, "the budget was used: {}", sent.len());
+        // Still flowing after the burst: the refill is served.
+        let late = sent
+            .iter()
+            .filter(|at| at.duration_since(sent[0]) >= Duration::from_secs(2))
+            .count();
+        assert!(late >= 2, "{late} requests after the burst");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_workers_429_pauses_the_fleet() {
+        let Some(redis) = RedisServer::start_or_skip() else {
+            return;
+        };
+        let mock = MockUpstream::start().await;
+        let fleets: Vec<Fleet> = (0..4)
+            .map(|_| worker(&redis, FleetConfig::default().share(0.25)))
+            .collect();
+        let layers: Vec<_> = fleets.iter().map(|fleet| paced(fleet, 100_000)).collect();
+        // The workers are up (their buckets exist and sync).
+        for layer in &layers {
+            let _ = layer.layer(client());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Worker 0 gets a 429 asking for 2 s.
+        mock.push([Reply::rate_limited().retry_after("2")]);
+        let response = layers[0]
+            .layer(client())
+            .oneshot(messages_request(&mock, MODEL))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 429);
+        let paused_at = tokio::time::Instant::now();
+        // Two syncs later every worker has heard.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let sent = hammer(&mock, &layers[1..], 3).await;
+        let early = sent
+            .iter()
+            .skip(1)
+            .filter(|at| at.duration_since(paused_at) < Duration::from_millis(1800))
+            .count();
+        assert_eq!(early, 0, "requests sent by other workers inside the pause");
+        assert!(
+            sent.len() > 10,
+            "they went on once it ended: {}",
+            sent.len()
+        );
+    }
+}

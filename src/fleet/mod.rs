@@ -87,7 +87,10 @@ use tokio::time::Instant;
 
 pub use self::lease::FleetLease;
 pub use self::redis::RedisStore;
-pub use self::store::{Acquired, BreakerEvent, BreakerState, SharedStore, StoreError, StoreFuture};
+pub use self::store::{
+    Acquired, BreakerEvent, BreakerState, BucketsSync, BucketsView, SharedStore, StoreError,
+    StoreFuture,
+};
 use crate::budget::RetryQuota;
 use crate::sync::lock;
 
@@ -317,6 +320,20 @@ pub(crate) struct Shared {
     quotas: Mutex<Vec<QuotaSync>>,
     /// Breakers synced with the fleet's, by store key.
     breakers: Mutex<Vec<(String, Weak<dyn SyncedBreaker>)>>,
+    /// Pacing keys synced with the fleet's buckets, by store key.
+    buckets: Mutex<Vec<(String, Weak<dyn SyncedBuckets>)>>,
+}
+
+/// A pacing key whose buckets the fleet shares.
+pub(crate) trait SyncedBuckets: Send + Sync {
+    /// What changed since the last sync, taken.
+    fn take_sync(&self, share: f64) -> BucketsSync;
+    /// Puts back the spending of a sync that failed.
+    fn restore_sync(&self, sync: &BucketsSync);
+    /// Follows the fleet's answer.
+    fn apply(&self, view: BucketsView);
+    /// The store is down: the buckets refill on their own, at this worker's share.
+    fn alone(&self);
 }
 
 /// A breaker whose state the fleet shares (the fallback layer's cooldowns).
@@ -377,6 +394,7 @@ impl Fleet {
             local: Mutex::new(HashMap::new()),
             quotas: Mutex::new(Vec::new()),
             breakers: Mutex::new(Vec::new()),
+            buckets: Mutex::new(Vec::new()),
         });
         tokio::spawn(background(Arc::downgrade(&shared), receiver));
         Self { shared }
@@ -451,6 +469,19 @@ impl Fleet {
         lock(&self.shared.breakers).push((key, breaker));
     }
 
+    /// Shares the buckets of the pacing key `name` with the fleet.
+    #[cfg_attr(not(feature = "pacing"), allow(dead_code))]
+    pub(crate) fn register_buckets(&self, name: &str, buckets: Weak<dyn SyncedBuckets>) {
+        let key = self.shared.key("pacing", name);
+        lock(&self.shared.buckets).push((key, buckets));
+    }
+
+    /// This worker's share of the fleet's limits.
+    #[cfg_attr(not(feature = "pacing"), allow(dead_code))]
+    pub(crate) fn share(&self) -> f64 {
+        self.shared.config.share
+    }
+
     /// Whether the store is in use (not down).
     #[cfg_attr(not(feature = "fallback"), allow(dead_code))]
     pub(crate) fn is_available(&self) -> bool {
@@ -481,6 +512,13 @@ impl Shared {
         if !self.degraded.swap(true, Ordering::AcqRel) {
             // Kept slots may expire in the store meanwhile: never reused.
             lease::give_back_idle(self);
+            let buckets: Vec<_> = lock(&self.buckets)
+                .iter()
+                .filter_map(|(_, buckets)| buckets.upgrade())
+                .collect();
+            for buckets in buckets {
+                buckets.alone();
+            }
             self.episodes.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 target: "tower_overload::fleet",
@@ -639,6 +677,7 @@ async fn background(shared: Weak<Shared>, mut releases: mpsc::UnboundedReceiver<
                     synced = now;
                     sync_quotas(&shared).await;
                     sync_breakers(&shared).await;
+                    sync_buckets(&shared).await;
                 }
             }
         }
@@ -714,6 +753,35 @@ async fn sync_breakers(shared: &Shared) {
                 if let Some(event) = event {
                     breaker.restore_event(event);
                 }
+                shared.degrade(&error);
+                return;
+            }
+        }
+    }
+}
+
+async fn sync_buckets(shared: &Shared) {
+    let keys: Vec<(String, Arc<dyn SyncedBuckets>)> = {
+        let mut registered = lock(&shared.buckets);
+        registered.retain(|(_, buckets)| buckets.strong_count() > 0);
+        registered
+            .iter()
+            .filter_map(|(key, buckets)| Some((key.clone(), buckets.upgrade()?)))
+            .collect()
+    };
+    for (key, buckets) in keys {
+        let sync = buckets.take_sync(shared.config.share);
+        // A key with no limit known yet (say `<other>`) has nothing to share.
+        if sync.buckets.iter().all(Option::is_none) && sync.pause.is_zero() {
+            continue;
+        }
+        match shared
+            .timed(shared.store.sync_buckets(&key, &shared.worker, &sync))
+            .await
+        {
+            Ok(view) => buckets.apply(view),
+            Err(error) => {
+                buckets.restore_sync(&sync);
                 shared.degrade(&error);
                 return;
             }

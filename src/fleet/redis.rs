@@ -7,7 +7,10 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
-use super::store::{Acquired, BreakerEvent, BreakerState, SharedStore, StoreError, StoreFuture};
+use super::store::{
+    Acquired, BreakerEvent, BreakerState, BucketsSync, BucketsView, SharedStore, StoreError,
+    StoreFuture,
+};
 
 /// The server's clock in milliseconds, inside a script: every worker's
 /// leases expire by the same clock, whatever the workers' clocks say.
@@ -80,6 +83,85 @@ if owner == ARGV[3] then return {2, 1, rest} end
 return {2, 0, rest}
 ";
 
+/// KEYS[1]: a pacing key's buckets (a hash: level<i>, updated<i>, paused),
+/// KEYS[2]: the needs of the workers' queues (worker ->
+/// "since:updated:n1:n2:n3"). ARGV: worker, pause ms, since ms, share, then
+/// per bucket: capacity (0: none), period ms, returned, remaining (-1:
+/// none), need. Answers the tokens lent, in thousandths, and the pause left.
+const SYNC_BUCKETS: &str = "
+local worker = ARGV[1]
+local pause = tonumber(ARGV[2])
+local since = tonumber(ARGV[3])
+local share = tonumber(ARGV[4])
+local paused = tonumber(redis.call('HGET', KEYS[1], 'paused') or '0')
+if pause > 0 and now + pause > paused then
+  paused = now + pause
+  redis.call('HSET', KEYS[1], 'paused', paused)
+end
+local others = {}
+local raw = redis.call('HGETALL', KEYS[2])
+for j = 1, #raw, 2 do
+  if raw[j] ~= worker then
+    local s, u, a, b, c = string.match(raw[j + 1], '^(%d+):(%d+):(%d+):(%d+):(%d+)$')
+    if s and tonumber(u) >= now - 2000 then
+      others[#others + 1] = {tonumber(s), {tonumber(a), tonumber(b), tonumber(c)}}
+    else
+      redis.call('HDEL', KEYS[2], raw[j])
+    end
+  end
+end
+local views = {0, 0, 0}
+local mine = {0, 0, 0}
+local needy = false
+for i = 1, 3 do
+  local base = 4 + (i - 1) * 5
+  local cap = tonumber(ARGV[base + 1])
+  mine[i] = tonumber(ARGV[base + 5])
+  if mine[i] > 0 then needy = true end
+  if cap > 0 then
+    local period = tonumber(ARGV[base + 2])
+    local lk, uk = 'level' .. i, 'updated' .. i
+    local level = tonumber(redis.call('HGET', KEYS[1], lk) or cap)
+    local upd = tonumber(redis.call('HGET', KEYS[1], uk) or now)
+    local start = math.max(upd, math.min(paused, now))
+    if now > start then level = level + (now - start) * cap / period end
+    level = math.min(cap, level) + tonumber(ARGV[base + 3])
+    local remaining = tonumber(ARGV[base + 4])
+    if remaining >= 0 then level = math.min(level, remaining) end
+    if paused > now then level = math.min(level, 0) end
+    level = math.max(-cap, math.min(cap, level))
+    redis.call('HSET', KEYS[1], lk, tostring(level), uk, now)
+    views[i] = level
+  end
+end
+for i = 1, 3 do
+  local older, all = 0, 0
+  for _, other in ipairs(others) do
+    all = all + other[2][i]
+    if other[1] <= since then older = older + other[2][i] end
+  end
+  local lent
+  if needy then
+    lent = math.min(views[i] - older, mine[i])
+  else
+    lent = (views[i] - all) * share
+  end
+  lent = math.floor(math.max(0, lent) * 1000) / 1000
+  if tonumber(ARGV[4 + (i - 1) * 5 + 1]) > 0 and lent > 0 then
+    redis.call('HSET', KEYS[1], 'level' .. i, tostring(views[i] - lent))
+  end
+  views[i] = math.floor(lent * 1000)
+end
+if needy then
+  redis.call('HSET', KEYS[2], worker, since .. ':' .. now .. ':' .. mine[1] .. ':' .. mine[2] .. ':' .. mine[3])
+else
+  redis.call('HDEL', KEYS[2], worker)
+end
+redis.call('PEXPIRE', KEYS[1], 600000)
+redis.call('PEXPIRE', KEYS[2], 600000)
+return {views[1], views[2], views[3], math.max(0, paused - now)}
+";
+
 /// The fleet's state on a Redis or Valkey server.
 ///
 /// One multiplexed connection that reconnects by itself (redis-rs's
@@ -106,6 +188,7 @@ struct Scripts {
     renew: Script,
     add_tokens: Script,
     sync_breaker: Script,
+    sync_buckets: Script,
 }
 
 impl RedisStore {
@@ -152,6 +235,7 @@ impl RedisStore {
                 renew: script(RENEW),
                 add_tokens: Script::new(ADD_TOKENS),
                 sync_breaker: script(SYNC_BREAKER),
+                sync_buckets: script(SYNC_BUCKETS),
             }),
         })
     }
@@ -280,6 +364,54 @@ impl SharedStore for RedisStore {
                     rest: ms(rest_ms),
                 },
                 _ => BreakerState::Closed,
+            })
+        })
+    }
+
+    fn sync_buckets<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        sync: &'a BucketsSync,
+    ) -> StoreFuture<'a, BucketsView> {
+        let mut connection = self.connection.clone();
+        Box::pin(async move {
+            let mut invocation = self.scripts.sync_buckets.key(key);
+            invocation.key(format!("{key}:needs"));
+            let (need, since) = sync.need.unwrap_or(([0; 3], 0));
+            invocation
+                .arg(holder)
+                .arg(if sync.pause.is_zero() {
+                    0
+                } else {
+                    millis(sync.pause)
+                })
+                .arg(since)
+                .arg(sync.share);
+            let per_bucket = sync
+                .buckets
+                .iter()
+                .zip(sync.returned)
+                .zip(sync.remaining)
+                .zip(need);
+            for (((bucket, returned), remaining), need) in per_bucket {
+                let (capacity, period) = bucket.unwrap_or((0, Duration::from_secs(60)));
+                let remaining =
+                    remaining.map_or(-1, |left| i64::try_from(left).unwrap_or(i64::MAX));
+                invocation
+                    .arg(capacity)
+                    .arg(millis(period))
+                    .arg(returned)
+                    .arg(remaining)
+                    .arg(need);
+            }
+            let (a, b, c, paused): (i64, i64, i64, i64) = invocation
+                .invoke_async(&mut connection)
+                .await
+                .map_err(failed)?;
+            Ok(BucketsView {
+                lent: [a, b, c].map(|tokens| tokens as f64 / 1000.0),
+                paused_for: Duration::from_millis(paused.max(0) as u64),
             })
         })
     }

@@ -19,7 +19,7 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 /// disagree still agree on when a lease expires.
 ///
 /// ```
-/// use tower_overload::fleet::{Acquired, BreakerEvent, BreakerState, SharedStore, StoreError, StoreFuture};
+/// use tower_overload::fleet::{Acquired, BreakerEvent, BreakerState, BucketsSync, BucketsView, SharedStore, StoreError, StoreFuture};
 /// # use std::time::Duration;
 /// /// A store that is always down: every worker falls back to its local share.
 /// #[derive(Debug)]
@@ -38,6 +38,9 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 ///         Box::pin(async { Err(StoreError::new("down")) })
 ///     }
 ///     fn sync_breaker<'a>(&'a self, _: &'a str, _: &'a str, _: Option<BreakerEvent>, _: Duration) -> StoreFuture<'a, BreakerState> {
+///         Box::pin(async { Err(StoreError::new("down")) })
+///     }
+///     fn sync_buckets<'a>(&'a self, _: &'a str, _: &'a str, _: &'a BucketsSync) -> StoreFuture<'a, BucketsView> {
 ///         Box::pin(async { Err(StoreError::new("down")) })
 ///     }
 ///     fn ping(&self) -> StoreFuture<'_, ()> {
@@ -86,8 +89,51 @@ pub trait SharedStore: fmt::Debug + Send + Sync + 'static {
         probe_ttl: Duration,
     ) -> StoreFuture<'a, BreakerState>;
 
+    /// Syncs a pacing key's three buckets (requests, input tokens, output
+    /// tokens). The fleet's buckets refill; each worker's are lent tokens:
+    /// a sync takes back what the worker held (a debt too), applies a
+    /// 429's pause and the `remaining` the responses reported, records what
+    /// the worker's queue needs, and lends it tokens again: a worker with
+    /// calls waiting gets up to what they need, after the needs of workers
+    /// whose head waits longer; a worker with none gets its `share` of what
+    /// no queue needs. Answers the tokens lent and the pause left.
+    fn sync_buckets<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        sync: &'a BucketsSync,
+    ) -> StoreFuture<'a, BucketsView>;
+
     /// Whether the store answers.
     fn ping(&self) -> StoreFuture<'_, ()>;
+}
+
+/// One worker's news about a pacing key's buckets, for [`SharedStore::sync_buckets`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BucketsSync {
+    /// Each bucket's capacity and refill period, `None` when the key has
+    /// no such bucket.
+    pub buckets: [Option<(u64, Duration)>; 3],
+    /// What this worker held of each bucket, handed back (negative: a debt).
+    pub returned: [f64; 3],
+    /// The lowest `remaining` each bucket's responses reported.
+    pub remaining: [Option<u64>; 3],
+    /// A 429's pause, from now.
+    pub pause: Duration,
+    /// What this worker's waiting calls need of each bucket, and since
+    /// when its head waits (milliseconds since the Unix epoch).
+    pub need: Option<([u64; 3], u64)>,
+    /// The worker's share of the fleet's limits.
+    pub share: f64,
+}
+
+/// The store's answer to [`SharedStore::sync_buckets`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BucketsView {
+    /// The tokens lent to this worker from each bucket.
+    pub lent: [f64; 3],
+    /// How long the key stays paused.
+    pub paused_for: Duration,
 }
 
 /// What a worker's breaker did since it last synced.

@@ -167,7 +167,10 @@ impl<S, B> Wait<S, B> {
                     }
                     Err(Short::Wait(name, wait)) => {
                         self.short = Some((name, wait));
-                        let deadline = now + wait;
+                        // Saturating: a wait past the clock's range is a wait for a wake-up.
+                        let deadline = now
+                            .checked_add(wait)
+                            .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400));
                         match self.refill.as_mut() {
                             Some(sleep) => sleep.as_mut().reset(deadline),
                             None => {
@@ -289,7 +292,7 @@ where
             Some(Short::Wait(name, wait)) => Some((name, wait)),
             None => None,
         };
-        let Some(id) = buckets.enqueue(pacer.config.max_queued) else {
+        let Some(id) = buckets.enqueue(pacer.config.max_queued, amounts) else {
             drop(buckets);
             let (name, wait) = short.unwrap_or(("queue", Duration::ZERO));
             let error = Error::new(ErrorKind::PacingQueueFull)

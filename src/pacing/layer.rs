@@ -62,6 +62,8 @@ impl RateLimitPacingLayer {
                 queue_timeout: Some(Duration::from_secs(60)),
                 count_tokens: None,
                 max_keys: 64,
+                #[cfg(feature = "redis")]
+                fleet: None,
             },
             pacer: Arc::new(OnceLock::new()),
         }
@@ -176,6 +178,29 @@ impl RateLimitPacingLayer {
             .get()
             .map(|pacer| pacer.snapshot())
             .unwrap_or_default()
+    }
+
+    /// Shares every key's buckets with the fleet: each worker's spending
+    /// goes to the fleet's buckets every sync (100 ms by default), each
+    /// worker refills at its share of the rate, the head of each worker's
+    /// queue is served in the order it arrived across the fleet (what older
+    /// heads need is kept for them), and a 429's pause reaches every worker
+    /// at the next sync. While the store is down each worker paces alone at
+    /// its share. See [`crate::fleet`].
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tower_overload::fleet::{Fleet, FleetConfig, RedisStore};
+    /// use tower_overload::pacing::{PacingLimits, RateLimitPacingLayer};
+    /// let fleet = Fleet::new(RedisStore::open("redis://127.0.0.1/").unwrap(), FleetConfig::default().share(0.25));
+    /// let tier_1 = PacingLimits { requests_per_minute: Some(50), input_tokens_per_minute: Some(30_000), output_tokens_per_minute: Some(8_000) };
+    /// let layer = RateLimitPacingLayer::new().limits_for("claude-opus-4-6", tier_1).fleet(fleet);
+    /// # }
+    /// ```
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn fleet(self, fleet: crate::fleet::Fleet) -> Self {
+        self.configure(|config| config.fleet = Some(fleet))
     }
 
     /// Changes a setting; the changed layer gets buckets of its own, so a

@@ -31,6 +31,9 @@ pub(crate) struct Config {
     pub(crate) queue_timeout: Option<Duration>,
     pub(crate) count_tokens: Option<CountTokens>,
     pub(crate) max_keys: usize,
+    /// Shares every key's buckets with the fleet.
+    #[cfg(feature = "redis")]
+    pub(crate) fleet: Option<crate::fleet::Fleet>,
 }
 
 impl std::fmt::Debug for Config {
@@ -97,7 +100,9 @@ impl Pacer {
         let other = Arc::new(KeyState::new(
             Model::new(OTHER_KEY),
             PacingLimits::default(),
+            fleet_share(&config),
         ));
+        share_with_fleet(&config, &other);
         // Configured keys and groups exist from the start: their lookups
         // never take the learning lock.
         let mut map = KeyMap::default();
@@ -105,7 +110,9 @@ impl Pacer {
         for key in groups {
             map.entry(key.clone()).or_insert_with(|| {
                 let limits = config.limits.get(key).copied().unwrap_or_default();
-                Arc::new(KeyState::new(key.clone(), limits))
+                let state = Arc::new(KeyState::new(key.clone(), limits, fleet_share(&config)));
+                share_with_fleet(&config, &state);
+                state
             });
         }
         for (member, group) in &config.shares {
@@ -149,7 +156,12 @@ impl Pacer {
             return Arc::clone(&self.other);
         }
         *learned += 1;
-        let state = Arc::new(KeyState::new(model.clone(), PacingLimits::default()));
+        let state = Arc::new(KeyState::new(
+            model.clone(),
+            PacingLimits::default(),
+            fleet_share(&self.config),
+        ));
+        share_with_fleet(&self.config, &state);
         let mut map = KeyMap::clone(&published);
         map.insert(model, Arc::clone(&state));
         self.published.store(Arc::new(map));
@@ -176,6 +188,26 @@ impl Pacer {
     }
 }
 
+/// This worker's share of each limit's refill: its fleet's, or all of it.
+fn fleet_share(config: &Config) -> f64 {
+    #[cfg(feature = "redis")]
+    if let Some(fleet) = &config.fleet {
+        return fleet.share();
+    }
+    let _ = config;
+    1.0
+}
+
+/// Registers a key's buckets with the fleet, when there is one.
+fn share_with_fleet(config: &Config, state: &Arc<KeyState>) {
+    #[cfg(feature = "redis")]
+    if let Some(fleet) = &config.fleet {
+        let synced: Arc<dyn crate::fleet::SyncedBuckets> = state.clone();
+        fleet.register_buckets(state.key.as_str(), Arc::downgrade(&synced));
+    }
+    let _ = (config, state);
+}
+
 /// One key: its buckets, estimator, queue and counters behind one lock, and
 /// the notification its waiting calls sleep on.
 #[derive(Debug)]
@@ -195,11 +227,19 @@ pub(crate) struct Buckets {
     /// headers, from a proxy) pauses too.
     paused_until: Option<Instant>,
     pub(crate) estimator: TokenEstimator,
+    /// This worker's share of the refill (1 unless a fleet shares the buckets).
+    share: f64,
+    /// For the fleet: a 429's pause to publish, and the lowest `remaining`
+    /// each bucket's responses reported since the last sync.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    fleet_pause: Option<Instant>,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    remaining: [Option<u64>; 3],
     /// Tickets of the waiting calls, first come first served.
     /// Waiting tickets in order, each with the waker of its call: only the
     /// head is woken (when the buckets change, or when it becomes the head),
     /// so a long queue costs one wake-up per event, not one per waiter.
-    pub(crate) queue: VecDeque<(u64, Option<Waker>)>,
+    pub(crate) queue: VecDeque<Queued>,
     next_ticket: u64,
     /// Tokens reserved by calls not settled yet (input, output).
     pub(crate) reserved: [u64; 2],
@@ -218,9 +258,9 @@ pub(crate) struct Buckets {
 }
 
 impl KeyState {
-    fn new(key: Model, limits: PacingLimits) -> Self {
+    fn new(key: Model, limits: PacingLimits, share: f64) -> Self {
         let now = Instant::now();
-        let bucket = |limit: Option<u64>| limit.map(|limit| TokenBucket::per_minute(limit, now));
+        let bucket = |limit: Option<u64>| limit.map(|limit| shared_bucket(limit, now, share));
         Self {
             key,
             inner: Mutex::new(Buckets {
@@ -231,6 +271,9 @@ impl KeyState {
                 ],
                 paused_until: None,
                 estimator: TokenEstimator::new(),
+                share,
+                fleet_pause: None,
+                remaining: [None; 3],
                 queue: VecDeque::new(),
                 next_ticket: 0,
                 reserved: [0; 2],
@@ -251,7 +294,10 @@ impl KeyState {
     /// Wakes the head of the queue, if any: it may go earlier, or, new at
     /// the head, must compute its own wait.
     pub(crate) fn wake(&self, buckets: &Buckets) {
-        if let Some((_, Some(waker))) = buckets.queue.front() {
+        if let Some(Queued {
+            waker: Some(waker), ..
+        }) = buckets.queue.front()
+        {
             waker.wake_by_ref();
         }
     }
@@ -269,15 +315,24 @@ impl KeyState {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut buckets = lock(&self.inner);
-        for (bucket, window) in buckets.buckets.iter_mut().zip(&windows) {
+        let share = buckets.share;
+        let Buckets {
+            buckets: all,
+            remaining,
+            ..
+        } = &mut *buckets;
+        for ((bucket, window), lowest) in all.iter_mut().zip(&windows).zip(remaining) {
             if window.is_empty() {
                 continue;
+            }
+            if let Some(left) = window.remaining {
+                *lowest = Some(lowest.map_or(left, |lowest| lowest.min(left)));
             }
             match bucket {
                 Some(bucket) => bucket.observe(window, wall, now),
                 None => {
                     if let Some(limit) = window.limit.filter(|&limit| limit > 0) {
-                        let mut learned = TokenBucket::per_minute(limit, now);
+                        let mut learned = shared_bucket(limit, now, share);
                         learned.observe(window, wall, now);
                         *bucket = Some(learned);
                     }
@@ -288,6 +343,7 @@ impl KeyState {
             // At most a minute: the buckets refill fully in one, and a
             // queued call has its own timeout for anything longer.
             let until = now + delay.min(Duration::from_secs(60));
+            buckets.fleet_pause = Some(buckets.fleet_pause.map_or(until, |p| p.max(until)));
             for bucket in buckets.buckets.iter_mut().flatten() {
                 bucket.pause_until(until, now);
             }
@@ -380,20 +436,25 @@ impl Buckets {
     }
 
     /// A new ticket at the back of the queue, or `None` when it is full.
-    pub(crate) fn enqueue(&mut self, max_queued: usize) -> Option<u64> {
+    pub(crate) fn enqueue(&mut self, max_queued: usize, amounts: Amounts) -> Option<u64> {
         if self.queue.len() >= max_queued {
             self.rejected += 1;
             return None;
         }
         let ticket = self.next_ticket;
         self.next_ticket = self.next_ticket.wrapping_add(1);
-        self.queue.push_back((ticket, None));
+        self.queue.push_back(Queued {
+            ticket,
+            waker: None,
+            amounts,
+            since: SystemTime::now(),
+        });
         Some(ticket)
     }
 
     /// Removes `ticket` from the queue; whether it was the head.
     pub(crate) fn leave(&mut self, ticket: u64) -> bool {
-        match self.queue.iter().position(|&(t, _)| t == ticket) {
+        match self.queue.iter().position(|queued| queued.ticket == ticket) {
             Some(at) => {
                 self.queue.remove(at);
                 at == 0
@@ -406,10 +467,10 @@ impl Buckets {
     /// (under the same lock as the look at the buckets, so no wake-up
     /// between the look and the wait is lost).
     pub(crate) fn register(&mut self, ticket: u64, waker: &Waker) -> bool {
-        let Some(at) = self.queue.iter().position(|&(t, _)| t == ticket) else {
+        let Some(at) = self.queue.iter().position(|queued| queued.ticket == ticket) else {
             return false;
         };
-        let kept = &mut self.queue[at].1;
+        let kept = &mut self.queue[at].waker;
         if !kept.as_ref().is_some_and(|kept| kept.will_wake(waker)) {
             *kept = Some(waker.clone());
         }
@@ -477,6 +538,116 @@ impl Buckets {
     }
 }
 
+#[cfg(feature = "redis")]
+impl KeyState {
+    fn alone_now(&self) {
+        let now = Instant::now();
+        let mut buckets = lock(&self.inner);
+        let share = buckets.share;
+        for bucket in buckets.buckets.iter_mut().flatten() {
+            bucket.refill_share(share, now);
+        }
+        self.wake(&buckets);
+    }
+}
+
+/// A waiting call in a key's queue.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    ticket: u64,
+    /// Its call's waker, once it was polled.
+    waker: Option<Waker>,
+    /// What it takes: at the head, what the fleet is told it needs.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    amounts: Amounts,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    since: SystemTime,
+}
+
+/// A per-minute bucket refilled at `share` of its rate.
+fn shared_bucket(limit: u64, now: Instant, share: f64) -> TokenBucket {
+    #[allow(unused_mut)]
+    let mut bucket = TokenBucket::per_minute(limit, now);
+    #[cfg(feature = "redis")]
+    if share < 1.0 {
+        bucket.start_shared(now);
+    }
+    let _ = share;
+    bucket
+}
+
+#[cfg(feature = "redis")]
+impl crate::fleet::SyncedBuckets for KeyState {
+    fn take_sync(&self, share: f64) -> crate::fleet::BucketsSync {
+        let now = Instant::now();
+        let mut buckets = lock(&self.inner);
+        let mut sync = crate::fleet::BucketsSync {
+            share,
+            ..Default::default()
+        };
+        for (i, bucket) in buckets.buckets.iter_mut().enumerate() {
+            if let Some(bucket) = bucket {
+                sync.buckets[i] = Some((bucket.capacity(), bucket.period()));
+                sync.returned[i] = bucket.lend_back(now);
+            }
+        }
+        sync.remaining = std::mem::take(&mut buckets.remaining);
+        sync.pause = buckets
+            .fleet_pause
+            .take()
+            .map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
+        sync.need = buckets.queue.front().map(|head| {
+            let since = head
+                .since
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_millis() as u64);
+            let mut need = [0u64; 3];
+            for queued in &buckets.queue {
+                for (total, amount) in need.iter_mut().zip(queued.amounts.0) {
+                    *total = total.saturating_add(amount);
+                }
+            }
+            (need, since)
+        });
+        sync
+    }
+
+    fn alone(&self) {
+        self.alone_now();
+    }
+
+    fn restore_sync(&self, sync: &crate::fleet::BucketsSync) {
+        let now = Instant::now();
+        let mut buckets = lock(&self.inner);
+        for (bucket, returned) in buckets.buckets.iter_mut().zip(sync.returned) {
+            if let Some(bucket) = bucket {
+                bucket.receive(returned, now);
+            }
+        }
+    }
+
+    fn apply(&self, view: crate::fleet::BucketsView) {
+        let now = Instant::now();
+        let mut buckets = lock(&self.inner);
+        for (bucket, lent) in buckets.buckets.iter_mut().zip(view.lent) {
+            if let Some(bucket) = bucket {
+                // The fleet's bucket refills; this one only holds what it lends.
+                bucket.refill_share(0.0, now);
+                bucket.receive(lent, now);
+            }
+        }
+        if !view.paused_for.is_zero() {
+            let until = now + view.paused_for.min(Duration::from_secs(60));
+            for bucket in buckets.buckets.iter_mut().flatten() {
+                bucket.pause_until(until, now);
+            }
+            buckets.paused_until = Some(buckets.paused_until.map_or(until, |p| p.max(until)));
+        }
+        // The head may fit now, or must wait for what the fleet left it.
+        self.wake(&buckets);
+    }
+}
+
 /// What settling a call needs to know about it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Settle {
@@ -500,6 +671,8 @@ mod tests {
             queue_timeout: None,
             count_tokens: None,
             max_keys,
+            #[cfg(feature = "redis")]
+            fleet: None,
         };
         let limits = PacingLimits {
             requests_per_minute: Some(5),
