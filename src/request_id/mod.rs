@@ -51,7 +51,6 @@
 mod callbacks;
 pub mod future;
 mod layer;
-mod stats;
 
 use std::fmt;
 use std::sync::Arc;
@@ -65,7 +64,8 @@ pub use self::callbacks::{
     CallInfo, DefaultMakeSpan, DefaultOnOutcome, MakeSpan, OnOutcome, Outcome,
 };
 pub use self::layer::RequestIdLogLayer;
-pub use self::stats::{AlertState, ClassCounts, OverloadAlert, OverloadStats};
+// The overload signal lives in its own module now; its old path still works.
+pub use crate::stats::{AlertState, ClassCounts, OverloadAlert, OverloadStats};
 
 use crate::body::ReplayableBody;
 use crate::headers::RequestId;
