@@ -161,6 +161,7 @@ mod json;
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
 pub mod model;
+mod observe;
 #[cfg(feature = "pacing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "pacing")))]
 pub mod pacing;

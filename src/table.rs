@@ -77,6 +77,27 @@ impl<K: Hash + Eq + Clone, V> Table<K, V> {
         }
     }
 
+    /// As [`with`](Self::with), keeping the value.
+    #[cfg_attr(not(feature = "retry"), allow(dead_code))]
+    pub(crate) fn arc<Q>(
+        &self,
+        key: &Q,
+        make: impl FnOnce(&Q) -> Option<(K, V)>,
+        make_other: impl FnOnce() -> V,
+    ) -> Arc<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Some(found) = self.published.load().get(key) {
+            return Arc::clone(found);
+        }
+        match self.insert(key, make) {
+            Some(found) => found,
+            None => Arc::clone(self.other.get_or_init(|| Arc::new(make_other()))),
+        }
+    }
+
     /// As [`with`](Self::with), for a key that gets a value of its own;
     /// `None` past the bound (nothing shared).
     pub(crate) fn with_own<Q, T>(

@@ -28,7 +28,7 @@
 //! | `tower_overload.retries` | counter | `{retry}` | `gen_ai.request.model`, `class` | retries granted, by the class of the failure retried (retry layer) |
 //! | `tower_overload.retry_wait` | histogram | s | `gen_ai.request.model`, `class` | each backoff before a retry (retry layer) |
 //! | `tower_overload.fallbacks` | counter | `{fallback}` | `from`, `to` | calls moved from one model to the next (fallback layer) |
-//! | `tower_overload.skipped` | counter | `{call}` | `gen_ai.request.model`, `reason` (`breaker_open`, `cooldown`) | calls that skipped a model without trying it (fallback layer) |
+//! | `tower_overload.skipped` | counter | `{call}` | `gen_ai.request.model`, `reason` (`breaker_open`: cooling down, or probed by another call) | calls that skipped a model without trying it (fallback layer) |
 //! | `tower_overload.breaker_state` | gauge | 1 | `gen_ai.request.model` | the model's breaker: 0 closed, 1 open, 2 half-open (fallback layer) |
 //! | `tower_overload.in_flight` | gauge | `{call}` | `gen_ai.request.model` | attempts holding a permit (concurrency layer) |
 //! | `tower_overload.limit` | gauge | `{call}` | `gen_ai.request.model` | the model's concurrency limit, adaptive or fixed (concurrency layer) |
@@ -295,6 +295,27 @@ impl<V> ModelTable<V> {
     }
 }
 
+impl<V> ModelTable<V> {
+    /// The handles of `model`, kept (for a response body that records later).
+    #[cfg_attr(not(feature = "retry"), allow(dead_code))]
+    pub(crate) fn arc(&self, model: Option<&Model>) -> Arc<V> {
+        let make = self.make;
+        let name = model.map_or(OTHER, Model::as_str);
+        self.table.arc(
+            name,
+            |name| {
+                let clean = clean_label(name)?;
+                describe();
+                Some((Model::new(clean), make(clean)))
+            },
+            || {
+                describe();
+                make(OTHER)
+            },
+        )
+    }
+}
+
 // ===== the retry layer's handles =====
 
 /// What the retry layer records per model.
@@ -392,6 +413,111 @@ impl AttemptMeters {
     }
 }
 
+/// The retry layer's handles per model, and its prices.
+#[cfg(feature = "retry")]
+#[derive(Debug)]
+pub(crate) struct RetryMeters {
+    pub(crate) table: ModelTable<AttemptMeters>,
+    pub(crate) prices: Option<PriceTable>,
+}
+
+#[cfg(feature = "retry")]
+impl RetryMeters {
+    pub(crate) fn new(prices: Option<PriceTable>) -> Self {
+        Self {
+            table: ModelTable::new(AttemptMeters::new),
+            prices,
+        }
+    }
+}
+
+/// Watches a response body as the caller reads it: the time to a stream's
+/// first content event, and the usage the body reports, recorded when the
+/// body ends or is dropped. On the call's span too, when its fields exist
+/// (the log layer's default span has them).
+#[cfg(feature = "retry")]
+pub(crate) struct BodyMeter {
+    meters: Arc<AttemptMeters>,
+    prices: Option<Prices>,
+    started: tokio::time::Instant,
+    span: tracing::Span,
+    reader: crate::usage::UsageReader,
+    first_chunk_seen: bool,
+}
+
+#[cfg(feature = "retry")]
+impl std::fmt::Debug for BodyMeter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyMeter").finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "retry")]
+impl BodyMeter {
+    /// The meter of a response with these headers, or `None` when the body
+    /// says nothing to measure (neither JSON nor an event stream).
+    pub(crate) fn for_response(
+        meters: &RetryMeters,
+        model: Option<&Model>,
+        headers: &http::HeaderMap,
+        started: tokio::time::Instant,
+    ) -> Option<Self> {
+        let content_type = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
+        let stream = content_type.starts_with(b"text/event-stream");
+        if !stream && !content_type.starts_with(b"application/json") {
+            return None;
+        }
+        Some(Self {
+            meters: meters.table.arc(model),
+            prices: model
+                .zip(meters.prices.as_ref())
+                .and_then(|(model, prices)| prices.get(model.as_str()).copied()),
+            started,
+            span: tracing::Span::current(),
+            reader: crate::usage::UsageReader::new(stream),
+            first_chunk_seen: false,
+        })
+    }
+
+    pub(crate) fn see(&mut self, chunk: &[u8]) {
+        self.reader.feed(chunk);
+        if !self.first_chunk_seen && self.reader.content_started() {
+            self.first_chunk_seen = true;
+            let elapsed = self.started.elapsed();
+            self.meters.first_chunk.record(elapsed.as_secs_f64());
+            self.span
+                .record(TTFC_FIELD, elapsed.as_millis() as u64);
+        }
+    }
+
+    pub(crate) fn end(&mut self) {
+        self.reader.end();
+    }
+}
+
+/// The span field of a stream's time to its first content event.
+pub(crate) const TTFC_FIELD: &str = "tower_overload.time_to_first_chunk_ms";
+
+#[cfg(feature = "retry")]
+impl Drop for BodyMeter {
+    fn drop(&mut self) {
+        // A body dropped before its end reported no usage worth counting
+        // (a JSON body's usage is at its end; a stream's output is partial).
+        if !self.reader.ended() {
+            return;
+        }
+        if let Some(usage) = self.reader.usage() {
+            self.meters.usage(&usage, self.prices.as_ref());
+            if let Some(input) = usage.input_tokens {
+                self.span.record("gen_ai.usage.input_tokens", input);
+            }
+            if let Some(output) = usage.output_tokens {
+                self.span.record("gen_ai.usage.output_tokens", output);
+            }
+        }
+    }
+}
+
 // ===== the log layer's handles =====
 
 /// The key of a call's duration: asked model, served model, server.
@@ -470,24 +596,23 @@ impl CallTable {
 #[derive(Debug)]
 pub(crate) struct ModelStateMeters {
     pub(crate) breaker_state: Gauge,
-    /// Breaker open, cooldown.
-    skipped: [Counter; 2],
+    skipped: Counter,
 }
 
 #[cfg(feature = "fallback")]
 impl ModelStateMeters {
     pub(crate) fn new(model: &str) -> Self {
-        let skipped = |reason: &'static str| {
-            ::metrics::counter!(names::SKIPPED, vec![model_label(model), Label::new("reason", reason)])
-        };
         Self {
             breaker_state: ::metrics::gauge!(names::BREAKER_STATE, vec![model_label(model)]),
-            skipped: [skipped("breaker_open"), skipped("cooldown")],
+            skipped: ::metrics::counter!(
+                names::SKIPPED,
+                vec![model_label(model), Label::new("reason", "breaker_open")]
+            ),
         }
     }
 
-    pub(crate) fn skipped(&self, breaker_open: bool) {
-        self.skipped[usize::from(!breaker_open)].increment(1);
+    pub(crate) fn skipped(&self) {
+        self.skipped.increment(1);
     }
 }
 
