@@ -55,6 +55,8 @@ impl ConcurrencyPerModelLayer {
                 adaptive: None,
                 default_key: Model::new("<default>"),
                 max_keys: 64,
+                #[cfg(feature = "metrics")]
+                metrics: true,
             },
             key_fn: ModelKey,
             limits: Arc::new(OnceLock::new()),
@@ -151,6 +153,19 @@ impl<K> ConcurrencyPerModelLayer<K> {
     /// ```
     pub fn max_keys(self, max: usize) -> Self {
         self.configure(|config| config.max_keys = max)
+    }
+
+    /// Whether the layer records [metrics](crate::metrics) (default on
+    /// with the feature): in flight, limit and queued per key, queue wait.
+    ///
+    /// ```
+    /// # use tower_overload::concurrency::ConcurrencyPerModelLayer;
+    /// let layer = ConcurrencyPerModelLayer::new(16).metrics(false);
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(self, on: bool) -> Self {
+        self.configure(|config| config.metrics = on)
     }
 
     /// Keys requests with `key_fn` instead of [`ModelKey`].

@@ -32,6 +32,8 @@ pub struct ModelFallbackLayer {
     triggers: Vec<Class>,
     served_by_header: Option<HeaderName>,
     fall_back_when_saturated: bool,
+    #[cfg(feature = "metrics")]
+    metrics: bool,
     shared: Arc<OnceLock<Arc<Shared>>>,
 }
 
@@ -55,6 +57,8 @@ impl ModelFallbackLayer {
             triggers: vec![Class::Overloaded],
             served_by_header: None,
             fall_back_when_saturated: true,
+            #[cfg(feature = "metrics")]
+            metrics: true,
             shared: Arc::new(OnceLock::new()),
         }
     }
@@ -120,6 +124,21 @@ impl ModelFallbackLayer {
         self.reset()
     }
 
+    /// Whether the layer records [metrics](crate::metrics) (default on
+    /// with the feature): fallbacks from and to, models skipped, breaker
+    /// state per model.
+    ///
+    /// ```
+    /// # use tower_overload::fallback::ModelFallbackLayer;
+    /// let layer = ModelFallbackLayer::new(["claude-opus-4-6", "claude-sonnet-4-6"]).metrics(false);
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = on;
+        self.reset()
+    }
+
     fn reset(mut self) -> Self {
         self.shared = Arc::new(OnceLock::new());
         self
@@ -146,6 +165,11 @@ impl ModelFallbackLayer {
                 triggers: self.triggers.clone(),
                 served_by_header: self.served_by_header.clone(),
                 fall_back_when_saturated: self.fall_back_when_saturated,
+                #[cfg(feature = "metrics")]
+                metrics: self.metrics.then(|| super::Meters {
+                    fallbacks: crate::metrics::FallbackTable::new(),
+                    models: crate::metrics::ModelTable::new(crate::metrics::ModelStateMeters::new),
+                }),
             })
         });
         Arc::clone(shared)

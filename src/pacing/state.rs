@@ -31,6 +31,9 @@ pub(crate) struct Config {
     pub(crate) queue_timeout: Option<Duration>,
     pub(crate) count_tokens: Option<CountTokens>,
     pub(crate) max_keys: usize,
+    /// Whether keys record metrics (the `metrics` feature's switch).
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -97,6 +100,7 @@ impl Pacer {
         let other = Arc::new(KeyState::new(
             Model::new(OTHER_KEY),
             PacingLimits::default(),
+            &config,
         ));
         // Configured keys and groups exist from the start: their lookups
         // never take the learning lock.
@@ -105,7 +109,7 @@ impl Pacer {
         for key in groups {
             map.entry(key.clone()).or_insert_with(|| {
                 let limits = config.limits.get(key).copied().unwrap_or_default();
-                Arc::new(KeyState::new(key.clone(), limits))
+                Arc::new(KeyState::new(key.clone(), limits, &config))
             });
         }
         for (member, group) in &config.shares {
@@ -149,7 +153,11 @@ impl Pacer {
             return Arc::clone(&self.other);
         }
         *learned += 1;
-        let state = Arc::new(KeyState::new(model.clone(), PacingLimits::default()));
+        let state = Arc::new(KeyState::new(
+            model.clone(),
+            PacingLimits::default(),
+            &self.config,
+        ));
         let mut map = KeyMap::clone(&published);
         map.insert(model, Arc::clone(&state));
         self.published.store(Arc::new(map));
@@ -182,6 +190,9 @@ impl Pacer {
 pub(crate) struct KeyState {
     pub(crate) key: Model,
     pub(crate) inner: Mutex<Buckets>,
+    /// Keys are never removed and are bounded by `max_keys`: so are these.
+    #[cfg(feature = "metrics")]
+    pub(crate) meters: Option<crate::metrics::PacingMeters>,
 }
 
 /// What the lock of a key guards.
@@ -218,10 +229,15 @@ pub(crate) struct Buckets {
 }
 
 impl KeyState {
-    fn new(key: Model, limits: PacingLimits) -> Self {
+    fn new(key: Model, limits: PacingLimits, config: &Config) -> Self {
         let now = Instant::now();
         let bucket = |limit: Option<u64>| limit.map(|limit| TokenBucket::per_minute(limit, now));
+        let _ = config;
         Self {
+            #[cfg(feature = "metrics")]
+            meters: config
+                .metrics
+                .then(|| crate::metrics::PacingMeters::new(key.as_str())),
             key,
             inner: Mutex::new(Buckets {
                 buckets: [
@@ -246,6 +262,24 @@ impl KeyState {
                 last_estimate_error: None,
             }),
         }
+    }
+
+    /// Publishes what is left of each bucket (after a call took its share)
+    /// and, when it waited, how long.
+    pub(crate) fn measure(&self, buckets: &mut Buckets, now: Instant, waited: Option<Duration>) {
+        #[cfg(feature = "metrics")]
+        if let Some(meters) = &self.meters {
+            for (bucket, gauge) in buckets.buckets.iter_mut().zip(&meters.fill) {
+                if let Some(bucket) = bucket {
+                    let capacity = bucket.capacity().max(1) as f64;
+                    gauge.set((bucket.available(now) / capacity).clamp(0.0, 1.0));
+                }
+            }
+            if let Some(waited) = waited {
+                meters.wait.record(waited.as_secs_f64());
+            }
+        }
+        let _ = (buckets, now, waited);
     }
 
     /// Wakes the head of the queue, if any: it may go earlier, or, new at
@@ -500,6 +534,8 @@ mod tests {
             queue_timeout: None,
             count_tokens: None,
             max_keys,
+            #[cfg(feature = "metrics")]
+            metrics: false,
         };
         let limits = PacingLimits {
             requests_per_minute: Some(5),
