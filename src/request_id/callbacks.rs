@@ -286,7 +286,7 @@ impl OnOutcome for DefaultOnOutcome {
         tracing::warn!(
             target: "tower_overload",
             model = %skip.model,
-            reason = skip.reason,
+            reason = %skip.reason,
             next = %OrDash(skip.next),
             correlation_id = %skip.correlation_id,
             "llm model skipped"
