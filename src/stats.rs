@@ -617,10 +617,10 @@ mod tests {
         );
         // Between half the threshold and the threshold: still raised.
         tokio::time::advance(Duration::from_secs(61)).await;
+        stats.record(None, Class::Overloaded);
         for _ in 0..66 {
             stats.record(None, Class::Success);
         }
-        stats.record(None, Class::Overloaded);
         assert_eq!(cleared.load(Ordering::SeqCst), 0, "1.5% is not below 1%");
         for _ in 0..100 {
             stats.record(None, Class::Success);
