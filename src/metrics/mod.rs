@@ -60,7 +60,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ::metrics::{Counter, Gauge, Histogram, Label, Unit};
 
@@ -322,10 +322,12 @@ impl<V> ModelTable<V> {
 #[cfg(feature = "retry")]
 #[derive(Debug)]
 pub(crate) struct AttemptMeters {
-    /// By class, then outcome: retried, final.
-    attempts: [[Counter; 2]; 8],
-    retries: [Counter; 8],
-    retry_wait: [Histogram; 8],
+    model: String,
+    /// By class, then outcome (retried, final); each registered at its
+    /// first use, so an exporter shows only the classes that happened.
+    attempts: [[OnceLock<Counter>; 2]; 8],
+    retries: [OnceLock<Counter>; 8],
+    retry_wait: [OnceLock<Histogram>; 8],
     pub(crate) response_head: Histogram,
     pub(crate) first_chunk: Histogram,
     /// Input, output.
@@ -338,9 +340,6 @@ pub(crate) struct AttemptMeters {
 #[cfg(feature = "retry")]
 impl AttemptMeters {
     pub(crate) fn new(model: &str) -> Self {
-        let attempt = |class: &str, outcome: &'static str| {
-            ::metrics::counter!(names::ATTEMPTS, vec![model_label(model), Label::new("class", class.to_owned()), Label::new("outcome", outcome)])
-        };
         let genai = genai_labels(model);
         let token_usage = |kind: &'static str| {
             let mut labels = genai.clone();
@@ -350,17 +349,11 @@ impl AttemptMeters {
         let tokens = |kind: &'static str| {
             ::metrics::counter!(names::TOKENS, vec![model_label(model), Label::new(TOKEN_TYPE, kind)])
         };
-        let by_class = |name: &'static str| {
-            CLASSES.map(|class| {
-                ::metrics::counter!(name, vec![model_label(model), Label::new("class", class)])
-            })
-        };
         Self {
-            attempts: CLASSES.map(|class| [attempt(class, "retried"), attempt(class, "final")]),
-            retries: by_class(names::RETRIES),
-            retry_wait: CLASSES.map(|class| {
-                ::metrics::histogram!(names::RETRY_WAIT, vec![model_label(model), Label::new("class", class)])
-            }),
+            model: model.to_owned(),
+            attempts: Default::default(),
+            retries: Default::default(),
+            retry_wait: Default::default(),
             response_head: ::metrics::histogram!(names::TIME_TO_RESPONSE_HEAD, vec![model_label(model)]),
             first_chunk: ::metrics::histogram!(names::TIME_TO_FIRST_CHUNK, genai.clone()),
             token_usage: [token_usage("input"), token_usage("output")],
@@ -374,15 +367,31 @@ impl AttemptMeters {
         }
     }
 
+    fn class_labels(&self, class: usize) -> Vec<Label> {
+        vec![model_label(&self.model), Label::new("class", CLASSES[class])]
+    }
+
     /// An attempt ended with `class`; `retried` when a retry follows.
     pub(crate) fn attempt(&self, class: Class, retried: bool) {
-        self.attempts[class_index(class)][usize::from(!retried)].increment(1);
+        let (class, outcome) = (class_index(class), usize::from(!retried));
+        self.attempts[class][outcome]
+            .get_or_init(|| {
+                let mut labels = self.class_labels(class);
+                labels.push(Label::new("outcome", ["retried", "final"][outcome]));
+                ::metrics::counter!(names::ATTEMPTS, labels)
+            })
+            .increment(1);
     }
 
     /// A retry after a failure of `class`, in `wait`.
     pub(crate) fn retry(&self, class: Class, wait: std::time::Duration) {
-        self.retries[class_index(class)].increment(1);
-        self.retry_wait[class_index(class)].record(wait.as_secs_f64());
+        let class = class_index(class);
+        self.retries[class]
+            .get_or_init(|| ::metrics::counter!(names::RETRIES, self.class_labels(class)))
+            .increment(1);
+        self.retry_wait[class]
+            .get_or_init(|| ::metrics::histogram!(names::RETRY_WAIT, self.class_labels(class)))
+            .record(wait.as_secs_f64());
     }
 
     /// The usage a response reported, priced when a price is known.
@@ -528,8 +537,10 @@ pub(crate) type CallKey = (Model, Model, Option<http::uri::Authority>);
 #[cfg(feature = "request-id")]
 #[derive(Debug)]
 pub(crate) struct CallMeters {
-    /// By class: success (no `error.type`), then each failure class.
-    duration: [Histogram; 8],
+    labels: Vec<Label>,
+    /// By class: success (no `error.type`), then each failure class; each
+    /// registered at its first use.
+    duration: [OnceLock<Histogram>; 8],
 }
 
 #[cfg(feature = "request-id")]
@@ -541,18 +552,22 @@ impl CallMeters {
             labels.push(Label::new(SERVER, server.to_owned()));
         }
         Self {
-            duration: std::array::from_fn(|i| {
-                let mut labels = labels.clone();
-                if i > 0 {
-                    labels.push(Label::new(ERROR_TYPE, CLASSES[i]));
-                }
-                ::metrics::histogram!(names::OPERATION_DURATION, labels)
-            }),
+            labels,
+            duration: Default::default(),
         }
     }
 
     pub(crate) fn call(&self, class: Class, duration: std::time::Duration) {
-        self.duration[class_index(class)].record(duration.as_secs_f64());
+        let class = class_index(class);
+        self.duration[class]
+            .get_or_init(|| {
+                let mut labels = self.labels.clone();
+                if class > 0 {
+                    labels.push(Label::new(ERROR_TYPE, CLASSES[class]));
+                }
+                ::metrics::histogram!(names::OPERATION_DURATION, labels)
+            })
+            .record(duration.as_secs_f64());
     }
 }
 
@@ -573,8 +588,9 @@ impl CallTable {
             |(asked, served, server)| {
                 let asked_label = clean_label(asked.as_str())?;
                 let served_label = clean_label(served.as_str())?;
+                // OpenTelemetry's `server.address` is the host; the port is apart.
                 let server_label = match server {
-                    Some(server) => Some(clean_label(server.as_str())?),
+                    Some(server) => Some(clean_label(server.host())?),
                     None => None,
                 };
                 describe();
