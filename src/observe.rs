@@ -38,7 +38,10 @@ pub(crate) struct AttemptEnded<'a> {
 
 /// Why a call did not try a model of its chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(any(feature = "fallback", feature = "request-id")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "fallback", feature = "request-id")),
+    allow(dead_code)
+)]
 pub(crate) enum SkipReason {
     /// The model's breaker is open: it is cooling down, or another call is
     /// probing it.
@@ -184,7 +187,13 @@ mod tests {
                 attempt.class
             ));
         }
-        fn model_skipped(&self, id: &HeaderValue, model: &Model, reason: SkipReason, _: Option<&Model>) {
+        fn model_skipped(
+            &self,
+            id: &HeaderValue,
+            model: &Model,
+            reason: SkipReason,
+            _: Option<&Model>,
+        ) {
             self.0.lock().unwrap().push(format!(
                 "{} skipped {model} {}",
                 id.to_str().unwrap(),

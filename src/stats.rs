@@ -408,14 +408,14 @@ impl OverloadStats {
             signal.meters.rate_limit_rate.set(fraction(limited, total));
         }
         let alerting = signal.alerting.load(Ordering::Relaxed);
-        let new_state = if !alerting && total >= self.inner.min_samples && rate >= self.inner.threshold
-        {
-            AlertState::Raised
-        } else if alerting && rate < self.inner.threshold / 2.0 {
-            AlertState::Cleared
-        } else {
-            return;
-        };
+        let new_state =
+            if !alerting && total >= self.inner.min_samples && rate >= self.inner.threshold {
+                AlertState::Raised
+            } else if alerting && rate < self.inner.threshold / 2.0 {
+                AlertState::Cleared
+            } else {
+                return;
+            };
         let raised = new_state == AlertState::Raised;
         // One caller wins the change; the others saw the old state.
         if signal

@@ -189,12 +189,7 @@ mod tests {
         assert_eq!(&seen[..3], ["m0", "m1", "m2"]);
         assert!(seen[3..].iter().all(|v| v == "other"));
         assert_eq!(table.len(), 3);
-        let again = table.with(
-            "m1",
-            |_| None,
-            || "other".to_owned(),
-            Clone::clone,
-        );
+        let again = table.with("m1", |_| None, || "other".to_owned(), Clone::clone);
         assert_eq!(again, "m1", "a known key is found, not made again");
     }
 

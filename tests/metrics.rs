@@ -119,7 +119,12 @@ async fn a_529_storm_with_fallback_is_recorded_with_genai_names_and_labels() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(
-        response.extensions().get::<ServedBy>().unwrap().served.as_str(),
+        response
+            .extensions()
+            .get::<ServedBy>()
+            .unwrap()
+            .served
+            .as_str(),
         SONNET
     );
     response.into_body().collect().await.unwrap();
@@ -129,7 +134,10 @@ async fn a_529_storm_with_fallback_is_recorded_with_genai_names_and_labels() {
         .iter()
         .filter(|r| model_of(&r.body) == OPUS)
         .count() as u64;
-    assert!(sent_to_opus >= 2, "the storm was retried before falling back");
+    assert!(
+        sent_to_opus >= 2,
+        "the storm was retried before falling back"
+    );
     let all = entries(&snapshotter);
 
     // Every attempt, by class and outcome: the last one on opus gave up.
@@ -206,7 +214,12 @@ async fn a_529_storm_with_fallback_is_recorded_with_genai_names_and_labels() {
     assert_eq!(durations[0].1, Some(metrics::Unit::Seconds));
 
     // The 529 rate of all traffic and of opus, from the stats.
-    let rate = gauge(&all, names::OVERLOAD_RATE, &[("gen_ai.request.model", "all")]).unwrap();
+    let rate = gauge(
+        &all,
+        names::OVERLOAD_RATE,
+        &[("gen_ai.request.model", "all")],
+    )
+    .unwrap();
     assert!(
         (rate - stats.overload_rate()).abs() < 1e-9 && rate > 0.5,
         "{rate}"
@@ -263,7 +276,11 @@ async fn a_429_wait_is_recorded_as_a_rate_limited_retry() {
         1
     );
     assert_eq!(
-        gauge(&all, names::RATE_LIMIT_RATE, &[("gen_ai.request.model", "all")]),
+        gauge(
+            &all,
+            names::RATE_LIMIT_RATE,
+            &[("gen_ai.request.model", "all")]
+        ),
         Some(0.5)
     );
     // The call succeeded: its duration has no error.type, and covers the wait.
@@ -271,8 +288,12 @@ async fn a_429_wait_is_recorded_as_a_rate_limited_retry() {
     assert_eq!(duration.len(), 1);
     assert!(duration[0] >= 2.0, "{duration:?}");
     assert!(
-        matching(&all, names::OPERATION_DURATION, &[("error.type", "rate_limited")])
-            .all(|(.., v)| matches!(v, DebugValue::Histogram(h) if h.is_empty())),
+        matching(
+            &all,
+            names::OPERATION_DURATION,
+            &[("error.type", "rate_limited")]
+        )
+        .all(|(.., v)| matches!(v, DebugValue::Histogram(h) if h.is_empty())),
         "the call did not fail"
     );
 }
@@ -343,8 +364,16 @@ async fn a_streams_time_to_first_chunk_and_token_usage_are_recorded() {
         "{first:?} after a head at {head:?}"
     );
 
-    let input = histogram(&all, names::TOKEN_USAGE, &[opus, ("gen_ai.token.type", "input")]);
-    let output = histogram(&all, names::TOKEN_USAGE, &[opus, ("gen_ai.token.type", "output")]);
+    let input = histogram(
+        &all,
+        names::TOKEN_USAGE,
+        &[opus, ("gen_ai.token.type", "input")],
+    );
+    let output = histogram(
+        &all,
+        names::TOKEN_USAGE,
+        &[opus, ("gen_ai.token.type", "output")],
+    );
     assert_eq!(input, [135.0], "input, cache writes and reads");
     assert_eq!(output, [15.0], "the last running total");
     for (kind, n) in [
@@ -389,7 +418,11 @@ async fn a_json_responses_usage_is_read_as_it_passes() {
         "the top-level usage, not one quoted in the content"
     );
     assert_eq!(
-        counter(&all, names::TOKENS, &[opus, ("gen_ai.token.type", "output")]),
+        counter(
+            &all,
+            names::TOKENS,
+            &[opus, ("gen_ai.token.type", "output")]
+        ),
         30
     );
     assert!(
@@ -398,12 +431,15 @@ async fn a_json_responses_usage_is_read_as_it_passes() {
     );
 }
 
+/// What the no-op upstreams answer.
+type Answer = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>;
+
 /// A no-op upstream answering a JSON message with its usage.
 fn json_upstream() -> impl tower::Service<
     Request<Full<Bytes>>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
-    Future = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
+    Future = Answer,
 > + Clone {
     service_fn(|_request: Request<Full<Bytes>>| {
         std::future::ready(Ok(Response::builder()
@@ -416,7 +452,10 @@ fn json_upstream() -> impl tower::Service<
 }
 
 fn request_for(model: &str) -> Request<Full<Bytes>> {
-    let body = format!(r#"{{"model":{},"max_tokens":16,"messages":[]}}"#, serde_json::json!(model));
+    let body = format!(
+        r#"{{"model":{},"max_tokens":16,"messages":[]}}"#,
+        serde_json::json!(model)
+    );
     Request::post("http://api.invalid/v1/messages")
         .body(Full::new(Bytes::from(body)))
         .unwrap()
@@ -438,11 +477,7 @@ async fn label_cardinality_stays_bounded_under_100000_model_names() {
             1 => "x".repeat(300 + i as usize % 7),
             _ => format!("claude-{i}"),
         };
-        let response = service
-            .clone()
-            .oneshot(request_for(&model))
-            .await
-            .unwrap();
+        let response = service.clone().oneshot(request_for(&model)).await.unwrap();
         response.into_body().collect().await.unwrap();
     }
     let all = entries(&snapshotter);
@@ -516,7 +551,7 @@ fn bare_upstream() -> impl tower::Service<
     Request<Full<Bytes>>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
-    Future = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
+    Future = Answer,
 > + Clone {
     service_fn(|_request: Request<Full<Bytes>>| {
         std::future::ready(Ok(Response::new(Full::new(Bytes::new()))))
@@ -529,9 +564,27 @@ fn bare_upstream() -> impl tower::Service<
 struct RegistrationCounter(std::sync::atomic::AtomicUsize);
 
 impl metrics::Recorder for RegistrationCounter {
-    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
     fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::Counter::noop()
@@ -540,7 +593,11 @@ impl metrics::Recorder for RegistrationCounter {
         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::Gauge::noop()
     }
-    fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::Histogram::noop()
     }
@@ -568,7 +625,11 @@ fn no_metric_keys_are_allocated_per_call() {
                 let response = service.clone().oneshot(request_for(OPUS)).await.unwrap();
                 response.into_body().collect().await.unwrap();
             }
-            assert_eq!(registered(), keys, "no handle registered after the first calls");
+            assert_eq!(
+                registered(),
+                keys,
+                "no handle registered after the first calls"
+            );
             (allocations() - before) as f64 / 1_000.0
         })
     };
@@ -617,7 +678,15 @@ async fn each_attempt_is_logged_when_it_ends_with_every_field() {
     assert_eq!(attempts.len(), 3, "{text}");
     for (n, line) in attempts.iter().enumerate() {
         assert!(line.contains(&format!("attempt={} of=6", n + 1)), "{line}");
-        for field in ["status", "request_id", "model", "attempt", "of", "latency_ms", "delay_ms"] {
+        for field in [
+            "status",
+            "request_id",
+            "model",
+            "attempt",
+            "of",
+            "latency_ms",
+            "delay_ms",
+        ] {
             assert!(
                 !line.contains(&format!(" {field}=-")),
                 "every field filled: {line}"
@@ -680,10 +749,7 @@ async fn the_correlation_header_is_sent_only_when_asked() {
     let mock = MockUpstream::start().await;
     mock.push([Reply::ok(), Reply::ok()]);
     let quiet = OverloadStack::new().layer(client());
-    quiet
-        .oneshot(messages_request(&mock, OPUS))
-        .await
-        .unwrap();
+    quiet.oneshot(messages_request(&mock, OPUS)).await.unwrap();
     let sending = OverloadStack::new()
         .log(RequestIdLogLayer::new().send_correlation_header(true))
         .layer(client());

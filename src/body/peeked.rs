@@ -281,7 +281,8 @@ where
                 if let Some(chunk) = frame.data_ref() {
                     peeked.see(chunk);
                 }
-                if peeked.prefix.is_empty() && peeked.error.is_none() && this.inner.is_end_stream() {
+                if peeked.prefix.is_empty() && peeked.error.is_none() && this.inner.is_end_stream()
+                {
                     peeked.ended();
                 }
                 return Poll::Ready(Some(Ok(frame)));

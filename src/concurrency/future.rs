@@ -59,7 +59,10 @@ struct Wait<S, B> {
 }
 
 /// One place in a key's queue, given back when dropped.
-struct QueueSlot(Arc<KeyState>, #[cfg(feature = "metrics")] tokio::time::Instant);
+struct QueueSlot(
+    Arc<KeyState>,
+    #[cfg(feature = "metrics")] tokio::time::Instant,
+);
 
 impl QueueSlot {
     fn new(key: Arc<KeyState>) -> Self {

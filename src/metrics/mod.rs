@@ -64,9 +64,9 @@ use std::sync::{Arc, OnceLock};
 
 use ::metrics::{Counter, Gauge, Histogram, Label, Unit};
 
-use crate::table::Table;
 use crate::classify::Class;
 use crate::model::Model;
+use crate::table::Table;
 
 /// The label value of every model past the cap, or with a name that is not clean.
 pub const OTHER: &str = "other";
@@ -241,10 +241,7 @@ fn describe() {
         names::BUCKET_FILL,
         "What is left of a rate-limit bucket (0 to 1)"
     );
-    describe_gauge!(
-        names::OVERLOAD_RATE,
-        "529s over outcomes in the last 60 s"
-    );
+    describe_gauge!(names::OVERLOAD_RATE, "529s over outcomes in the last 60 s");
     describe_gauge!(
         names::RATE_LIMIT_RATE,
         "429s over outcomes in the last 60 s"
@@ -347,14 +344,20 @@ impl AttemptMeters {
             ::metrics::histogram!(names::TOKEN_USAGE, labels)
         };
         let tokens = |kind: &'static str| {
-            ::metrics::counter!(names::TOKENS, vec![model_label(model), Label::new(TOKEN_TYPE, kind)])
+            ::metrics::counter!(
+                names::TOKENS,
+                vec![model_label(model), Label::new(TOKEN_TYPE, kind)]
+            )
         };
         Self {
             model: model.to_owned(),
             attempts: Default::default(),
             retries: Default::default(),
             retry_wait: Default::default(),
-            response_head: ::metrics::histogram!(names::TIME_TO_RESPONSE_HEAD, vec![model_label(model)]),
+            response_head: ::metrics::histogram!(
+                names::TIME_TO_RESPONSE_HEAD,
+                vec![model_label(model)]
+            ),
             first_chunk: ::metrics::histogram!(names::TIME_TO_FIRST_CHUNK, genai.clone()),
             token_usage: [token_usage("input"), token_usage("output")],
             tokens: [
@@ -368,7 +371,10 @@ impl AttemptMeters {
     }
 
     fn class_labels(&self, class: usize) -> Vec<Label> {
-        vec![model_label(&self.model), Label::new("class", CLASSES[class])]
+        vec![
+            model_label(&self.model),
+            Label::new("class", CLASSES[class]),
+        ]
     }
 
     /// An attempt ended with `class`; `retried` when a retry follows.
@@ -494,8 +500,7 @@ impl BodyMeter {
             self.first_chunk_seen = true;
             let elapsed = self.started.elapsed();
             self.meters.first_chunk.record(elapsed.as_secs_f64());
-            self.span
-                .record(TTFC_FIELD, elapsed.as_millis() as u64);
+            self.span.record(TTFC_FIELD, elapsed.as_millis() as u64);
         }
     }
 
@@ -645,7 +650,13 @@ impl FallbackTable {
 
     pub(crate) fn fallback(&self, from: &Model, to: &Model) {
         let make = |from: &str, to: &str| {
-            ::metrics::counter!(names::FALLBACKS, vec![Label::new("from", from.to_owned()), Label::new("to", to.to_owned())])
+            ::metrics::counter!(
+                names::FALLBACKS,
+                vec![
+                    Label::new("from", from.to_owned()),
+                    Label::new("to", to.to_owned())
+                ]
+            )
         };
         self.0.with(
             &(from.clone(), to.clone()),
@@ -699,11 +710,18 @@ impl PacingMeters {
     pub(crate) fn new(key: &str) -> Self {
         let key = clean_label(key).unwrap_or(OTHER);
         let fill = |bucket: &'static str| {
-            ::metrics::gauge!(names::BUCKET_FILL, vec![model_label(key), Label::new("bucket", bucket)])
+            ::metrics::gauge!(
+                names::BUCKET_FILL,
+                vec![model_label(key), Label::new("bucket", bucket)]
+            )
         };
         Self {
             wait: ::metrics::histogram!(names::PACING_WAIT, vec![model_label(key)]),
-            fill: [fill("requests"), fill("input_tokens"), fill("output_tokens")],
+            fill: [
+                fill("requests"),
+                fill("input_tokens"),
+                fill("output_tokens"),
+            ],
         }
     }
 }

@@ -14,10 +14,10 @@ use tokio::time::Instant;
 use tracing::Span;
 
 use super::{MakeSpan, OnOutcome, Outcome, Shared};
-use crate::observe::{self, CallContext};
 use crate::classify::{self, Class};
 use crate::headers;
 use crate::model::Model;
+use crate::observe::{self, CallContext};
 use crate::{BoxError, Error, ErrorKind};
 
 pin_project! {
@@ -88,8 +88,10 @@ where
         let shared = &**this.shared;
         // Attempts the layers inside reported as they ended (and counted).
         let told = this.context.as_ref().map_or(0, |context| context.told);
-        this.span
-            .record("tower_overload.time_to_response_head_ms", latency.as_millis() as u64);
+        this.span.record(
+            "tower_overload.time_to_response_head_ms",
+            latency.as_millis() as u64,
+        );
         let (class, served) = match &mut result {
             Ok(response) => {
                 let served = served_model(response).or_else(|| this.model.clone());
@@ -125,7 +127,8 @@ where
                     stats.record(model, class);
                 }
                 if let Some(status) = ours.and_then(Error::status) {
-                    this.span.record("http.response.status_code", status.as_u16());
+                    this.span
+                        .record("http.response.status_code", status.as_u16());
                 }
                 shared.on_outcome.on_outcome(&Outcome {
                     class,

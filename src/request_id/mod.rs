@@ -122,7 +122,11 @@ pub(crate) struct Shared<M, O> {
 }
 
 impl<M: Send + Sync, O: OnOutcome + Send + Sync> crate::observe::ObserveCall for Shared<M, O> {
-    fn attempt_ended(&self, correlation_id: &HeaderValue, attempt: &crate::observe::AttemptEnded<'_>) {
+    fn attempt_ended(
+        &self,
+        correlation_id: &HeaderValue,
+        attempt: &crate::observe::AttemptEnded<'_>,
+    ) {
         if let Some(stats) = &self.stats {
             stats.record(attempt.model, attempt.class);
         }

@@ -510,9 +510,9 @@ impl<B: ReplayableBody> Call<B> {
                 if let Some(meters) = self.policy.metrics.clone() {
                     self.reported = self.log.attempts;
                     let model = self.model_kept();
-                    meters
-                        .table
-                        .with(model.as_ref(), |meters| meters.attempt(verdict.class, false));
+                    meters.table.with(model.as_ref(), |meters| {
+                        meters.attempt(verdict.class, false)
+                    });
                 }
                 None
             } else {
