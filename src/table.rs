@@ -1,5 +1,10 @@
 //! A bounded table of per-key values (metric handles, stats windows), read with no lock.
 
+#![cfg_attr(
+    not(all(feature = "request-id", feature = "metrics", feature = "retry")),
+    allow(dead_code)
+)]
+
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -189,7 +189,10 @@ const TAIL: usize = 4 * 1024;
 /// without keeping the body: a stream's current line, or a JSON body's
 /// last few KiB. Also notes a stream's first content event. Shared by the
 /// pacing layer (which settles reservations with it) and the metrics.
-#[cfg_attr(not(any(feature = "pacing", feature = "metrics")), allow(dead_code))]
+#[cfg_attr(
+    not(all(feature = "pacing", feature = "metrics", feature = "retry")),
+    allow(dead_code)
+)]
 #[derive(Debug)]
 pub(crate) struct UsageReader {
     reader: Reader,
@@ -215,7 +218,10 @@ enum Reader {
     },
 }
 
-#[cfg_attr(not(any(feature = "pacing", feature = "metrics")), allow(dead_code))]
+#[cfg_attr(
+    not(all(feature = "pacing", feature = "metrics", feature = "retry")),
+    allow(dead_code)
+)]
 impl UsageReader {
     pub(crate) fn new(event_stream: bool) -> Self {
         let reader = if event_stream {

@@ -292,7 +292,7 @@ impl KeyState {
             meters.limit.set(limit as f64);
         }
         #[cfg(not(feature = "metrics"))]
-        let _ = meters;
+        let () = meters;
         Self {
             key,
             semaphore: Arc::new(Semaphore::new(limit)),

@@ -284,7 +284,7 @@ fn attempts_of<M, O: OnOutcome, R>(
             exhausted,
         );
     }
-    let _ = correlation_id;
+    let _ = (correlation_id, told);
     let class = classify::classify(response.status(), response.headers(), None).class;
     // A first try that succeeded is never told on the way: counted here.
     if let Some(stats) = &shared.stats {
