@@ -18,13 +18,13 @@
 //!
 //! | name | type | unit | labels | meaning |
 //! |---|---|---|---|---|
-//! | `gen_ai.client.operation.duration` | histogram | s | `gen_ai.provider.name`, `gen_ai.operation.name`, `gen_ai.request.model`, `gen_ai.response.model`, `server.address`, `error.type` (failures only: the [class](crate::classify::Class)) | a whole call, retries and fallbacks included, to its response head or error (log layer) |
+//! | `gen_ai.client.operation.duration` | histogram | s | `gen_ai.provider.name`, `gen_ai.operation.name`, `gen_ai.request.model`, `gen_ai.response.model`, `server.address` (the host of the layer's first call), `error.type` (failures only: the [class](crate::classify::Class)) | a whole call, retries and fallbacks included, to its response head or error (log layer) |
 //! | `gen_ai.client.operation.time_to_first_chunk` | histogram | s | `gen_ai.provider.name`, `gen_ai.operation.name`, `gen_ai.request.model` | a stream's first content event, from the first attempt on the model that answered (retry layer) |
 //! | `gen_ai.client.token.usage` | histogram | `{token}` | `gen_ai.provider.name`, `gen_ai.operation.name`, `gen_ai.request.model`, `gen_ai.token.type` (`input`, `output`) | tokens per call, from the response's `usage` (retry layer) |
-//! | `tower_overload.time_to_response_head` | histogram | s | `gen_ai.request.model` | every call: from the first attempt on the model that answered to the response head (retry layer) |
+//! | `tower_overload.time_to_response_head` | histogram | s | `gen_ai.request.model` | every call that got a response head: from the call to the head (log layer) |
 //! | `tower_overload.tokens` | counter | `{token}` | `gen_ai.request.model`, `gen_ai.token.type` (`input`, `output`, `cache_read`, `cache_write`) | tokens used, prompt cache included (retry layer) |
 //! | `tower_overload.cost` | counter | micro-USD | `gen_ai.request.model` | usage priced by a [`PriceTable`], in millionths of a dollar (retry layer) |
-//! | `tower_overload.attempts` | counter | `{attempt}` | `gen_ai.request.model`, `class`, `outcome` (`retried`, `final`) | every attempt, by how it was classified and whether a retry followed (retry layer) |
+//! | `tower_overload.attempts` | counter | `{attempt}` | `gen_ai.request.model`, `class`, `outcome` (`retried`, `final`) | every attempt, by how it was classified and whether a retry followed (retry layer; a first try that succeeded, or a call with no retry layer inside, is counted by the log layer) |
 //! | `tower_overload.retries` | counter | `{retry}` | `gen_ai.request.model`, `class` | retries granted, by the class of the failure retried (retry layer) |
 //! | `tower_overload.retry_wait` | histogram | s | `gen_ai.request.model`, `class` | each backoff before a retry (retry layer) |
 //! | `tower_overload.fallbacks` | counter | `{fallback}` | `from`, `to` | calls moved from one model to the next (fallback layer) |
@@ -337,7 +337,6 @@ pub(crate) struct AttemptMeters {
     attempts: [[OnceLock<Counter>; 2]; 8],
     retries: [OnceLock<Counter>; 8],
     retry_wait: [OnceLock<Histogram>; 8],
-    pub(crate) response_head: Histogram,
     pub(crate) first_chunk: Histogram,
     /// Input, output.
     token_usage: [Histogram; 2],
@@ -366,10 +365,6 @@ impl AttemptMeters {
             attempts: Default::default(),
             retries: Default::default(),
             retry_wait: Default::default(),
-            response_head: ::metrics::histogram!(
-                names::TIME_TO_RESPONSE_HEAD,
-                vec![model_label(model)]
-            ),
             first_chunk: ::metrics::histogram!(names::TIME_TO_FIRST_CHUNK, genai.clone()),
             token_usage: [token_usage("input"), token_usage("output")],
             tokens: [
@@ -485,7 +480,7 @@ impl BodyMeter {
     /// says nothing to measure (neither JSON nor an event stream).
     pub(crate) fn for_response(
         meters: &RetryMeters,
-        model: Option<&Model>,
+        model: impl FnOnce() -> Option<Model>,
         headers: &http::HeaderMap,
         started: tokio::time::Instant,
     ) -> Option<Self> {
@@ -494,6 +489,8 @@ impl BodyMeter {
         if !stream && !content_type.starts_with(b"application/json") {
             return None;
         }
+        let model = model();
+        let model = model.as_ref();
         Some(Self {
             meters: meters.table.arc(model),
             prices: model
@@ -546,18 +543,19 @@ impl Drop for BodyMeter {
 
 // ===== the log layer's handles =====
 
-/// The key of a call's duration: asked model, served model, server.
-#[cfg(feature = "request-id")]
-pub(crate) type CallKey = (Model, Model, Option<http::uri::Authority>);
-
-/// What the log layer records per (asked, served, server).
+/// What the log layer records per (asked, served) pair of models.
 #[cfg(feature = "request-id")]
 #[derive(Debug)]
 pub(crate) struct CallMeters {
     labels: Vec<Label>,
+    served: String,
     /// By class: success (no `error.type`), then each failure class; each
     /// registered at its first use.
     duration: [OnceLock<Histogram>; 8],
+    head: Histogram,
+    /// The final attempts no retry layer inside counted (a first try that
+    /// succeeded, or no retry layer at all), by class.
+    attempts: [OnceLock<Counter>; 8],
 }
 
 #[cfg(feature = "request-id")]
@@ -570,54 +568,95 @@ impl CallMeters {
         }
         Self {
             labels,
+            served: served.to_owned(),
             duration: Default::default(),
+            head: ::metrics::histogram!(names::TIME_TO_RESPONSE_HEAD, vec![model_label(asked)]),
+            attempts: Default::default(),
         }
     }
 
-    pub(crate) fn call(&self, class: Class, duration: std::time::Duration) {
-        let class = class_index(class);
-        self.duration[class]
+    fn call(&self, class: Class, duration: std::time::Duration, count_attempt: bool) {
+        let index = class_index(class);
+        let seconds = duration.as_secs_f64();
+        self.duration[index]
             .get_or_init(|| {
                 let mut labels = self.labels.clone();
-                if class > 0 {
-                    labels.push(Label::new(ERROR_TYPE, CLASSES[class]));
+                if index > 0 {
+                    labels.push(Label::new(ERROR_TYPE, CLASSES[index]));
                 }
                 ::metrics::histogram!(names::OPERATION_DURATION, labels)
             })
-            .record(duration.as_secs_f64());
+            .record(seconds);
+        self.head.record(seconds);
+        if count_attempt {
+            self.attempts[index]
+                .get_or_init(|| {
+                    ::metrics::counter!(
+                        names::ATTEMPTS,
+                        vec![
+                            model_label(&self.served),
+                            Label::new("class", CLASSES[index]),
+                            Label::new("outcome", "final"),
+                        ]
+                    )
+                })
+                .increment(1);
+        }
     }
 }
 
-/// The log layer's table: bounded over (asked, served, server) triples.
+/// The log layer's table: bounded over (asked, served) pairs of models.
 #[cfg(feature = "request-id")]
 #[derive(Debug)]
-pub(crate) struct CallTable(Table<CallKey, CallMeters>);
+pub(crate) struct CallTable {
+    table: Table<(Model, Model), CallMeters>,
+    /// `server.address`: the host of the layer's first call (a client
+    /// talks to one API; read with one load per call, never hashed).
+    server: OnceLock<Option<String>>,
+}
 
 #[cfg(feature = "request-id")]
 impl CallTable {
     pub(crate) fn new() -> Self {
-        Self(Table::new(MAX_MODELS))
+        Self {
+            table: Table::new(MAX_MODELS),
+            server: OnceLock::new(),
+        }
     }
 
-    pub(crate) fn record(&self, key: &CallKey, class: Class, duration: std::time::Duration) {
-        self.0.with(
-            key,
-            |(asked, served, server)| {
+    /// Notes the server of a call (the first one's is kept).
+    pub(crate) fn server(&self, uri: &http::Uri) {
+        if self.server.get().is_none() {
+            // OpenTelemetry's `server.address` is the host; the port is apart.
+            let host = uri.host().and_then(clean_label).map(str::to_owned);
+            let _ = self.server.set(host);
+        }
+    }
+
+    /// A call's end: its duration (to its response head or error) and,
+    /// when no retry layer inside counted it, its final attempt.
+    pub(crate) fn record(
+        &self,
+        asked: &Model,
+        served: &Model,
+        class: Class,
+        duration: std::time::Duration,
+        count_attempt: bool,
+    ) {
+        let server = || self.server.get().and_then(Option::as_deref);
+        self.table.with(
+            &(asked.clone(), served.clone()),
+            |(asked, served)| {
                 let asked_label = clean_label(asked.as_str())?;
                 let served_label = clean_label(served.as_str())?;
-                // OpenTelemetry's `server.address` is the host; the port is apart.
-                let server_label = match server {
-                    Some(server) => Some(clean_label(server.host())?),
-                    None => None,
-                };
                 describe();
                 Some((
-                    (asked.clone(), served.clone(), server.clone()),
-                    CallMeters::new(asked_label, served_label, server_label),
+                    (asked.clone(), served.clone()),
+                    CallMeters::new(asked_label, served_label, server()),
                 ))
             },
-            || CallMeters::new(OTHER, OTHER, None),
-            |meters| meters.call(class, duration),
+            || CallMeters::new(OTHER, OTHER, server()),
+            |meters| meters.call(class, duration, count_attempt),
         );
     }
 }

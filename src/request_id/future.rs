@@ -34,8 +34,6 @@ pin_project! {
         // Lent to the thread while the layers inside are polled, so they
         // can report each attempt as it ends.
         context: Option<CallContext>,
-        // `server.address` of the call's metrics (none without the feature).
-        server: Option<http::uri::Authority>,
     }
 }
 
@@ -47,7 +45,6 @@ impl<F, M, O> ResponseFuture<F, M, O> {
         correlation_id: HeaderValue,
         model: Option<Model>,
         context: Option<CallContext>,
-        server: Option<http::uri::Authority>,
     ) -> Self {
         Self {
             inner,
@@ -57,7 +54,6 @@ impl<F, M, O> ResponseFuture<F, M, O> {
             model,
             start: Instant::now(),
             context,
-            server,
         }
     }
 }
@@ -92,8 +88,17 @@ where
             "tower_overload.time_to_response_head_ms",
             latency.as_millis() as u64,
         );
-        let (class, served) = match &mut result {
+        // Whether the layers inside left the final attempt uncounted: a
+        // first try that succeeded (no report), or no retry layer at all.
+        let (class, served, uncounted) = match &mut result {
             Ok(response) => {
+                #[cfg(feature = "retry")]
+                let uncounted = response
+                    .extensions()
+                    .get::<crate::retry::RetryReport>()
+                    .is_none();
+                #[cfg(not(feature = "retry"))]
+                let uncounted = true;
                 let served = served_model(response).or_else(|| this.model.clone());
                 let class = record_response(
                     shared,
@@ -105,7 +110,7 @@ where
                 );
                 this.span
                     .record("http.response.status_code", response.status().as_u16());
-                (class, served)
+                (class, served, uncounted)
             }
             Err(error) => {
                 let ours = crate_error(&*error);
@@ -121,6 +126,7 @@ where
                 });
                 // The retry layer inside told of its attempts as they ended.
                 let counted = told > 0 && ours.is_some_and(|e| e.attempts() > 0);
+                let uncounted = ours.is_none_or(|e| e.attempts() == 0);
                 if let Some(stats) = &shared.stats
                     && !counted
                 {
@@ -145,7 +151,7 @@ where
                     exhausted,
                     error: Some(&*error),
                 });
-                (class, model.cloned())
+                (class, model.cloned(), uncounted)
             }
         };
         if let Some(served) = &served {
@@ -157,11 +163,12 @@ where
         }
         #[cfg(feature = "metrics")]
         if let Some(table) = &shared.metrics {
-            const UNKNOWN: Model = Model::from_static(crate::metrics::OTHER);
-            let asked = this.model.clone().unwrap_or(UNKNOWN);
-            let served = served.unwrap_or_else(|| asked.clone());
-            table.record(&(asked, served, this.server.take()), class, latency);
+            static UNKNOWN: Model = Model::from_static(crate::metrics::OTHER);
+            let asked = this.model.as_ref().unwrap_or(&UNKNOWN);
+            let served = served.as_ref().unwrap_or(asked);
+            table.record(asked, served, class, latency, uncounted);
         }
+        let _ = uncounted;
         Poll::Ready(result)
     }
 }

@@ -317,13 +317,9 @@ where
         };
         let model = model::of_request_carried(&mut request);
         #[cfg(feature = "metrics")]
-        let server = self
-            .shared
-            .metrics
-            .as_ref()
-            .and_then(|_| request.uri().authority().cloned());
-        #[cfg(not(feature = "metrics"))]
-        let server = None;
+        if let Some(table) = &self.shared.metrics {
+            table.server(request.uri());
+        }
         let span = self.shared.make_span.make_span(&CallInfo {
             method: request.method(),
             uri: request.uri(),
@@ -344,7 +340,6 @@ where
             correlation_id,
             model,
             context,
-            server,
         )
     }
 }

@@ -505,15 +505,8 @@ impl<B: ReplayableBody> Call<B> {
             let stop = if self.records.is_empty() {
                 self.log.record(verdict.class);
                 // A first try that succeeded is the call's own outcome: the
-                // log layer records it, nothing to tell it on the way.
-                #[cfg(feature = "metrics")]
-                if let Some(meters) = self.policy.metrics.clone() {
-                    self.reported = self.log.attempts;
-                    let model = self.model_kept();
-                    meters.table.with(model.as_ref(), |meters| {
-                        meters.attempt(verdict.class, false)
-                    });
-                }
+                // log layer outside records it (attempt and all), and this
+                // layer reads nothing for it (not even the model).
                 None
             } else {
                 self.record(
@@ -601,19 +594,16 @@ impl<B: ReplayableBody> Call<B> {
         #[cfg(feature = "metrics")]
         let body = match self.policy.metrics.clone() {
             Some(meters) => {
-                let model = self.model_kept();
-                meters.table.with(model.as_ref(), |meters| {
-                    meters
-                        .response_head
-                        .record(self.started.elapsed().as_secs_f64());
-                });
+                // Only a body that reports usage (JSON or a stream) is
+                // measured, and only then is the model read.
+                let started = self.started;
                 let meter = (!parts.status.is_client_error() && !parts.status.is_server_error())
                     .then(|| {
                         crate::metrics::BodyMeter::for_response(
                             &meters,
-                            model.as_ref(),
+                            || self.model_kept(),
                             &parts.headers,
-                            self.started,
+                            started,
                         )
                     })
                     .flatten();
