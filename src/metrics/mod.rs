@@ -476,22 +476,30 @@ impl std::fmt::Debug for BodyMeter {
 
 #[cfg(feature = "retry")]
 impl BodyMeter {
-    /// The meter of a response with these headers, or `None` when the body
-    /// says nothing to measure (neither JSON nor an event stream).
-    pub(crate) fn for_response(
-        meters: &RetryMeters,
-        model: impl FnOnce() -> Option<Model>,
-        headers: &http::HeaderMap,
-        started: tokio::time::Instant,
-    ) -> Option<Self> {
-        let content_type = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
-        let stream = content_type.starts_with(b"text/event-stream");
-        if !stream && !content_type.starts_with(b"application/json") {
+    /// Whether a response's body is measured: a success that is JSON
+    /// (`Some(false)`) or an event stream (`Some(true)`).
+    pub(crate) fn measured(status: http::StatusCode, headers: &http::HeaderMap) -> Option<bool> {
+        if !status.is_success() {
             return None;
         }
-        let model = model();
-        let model = model.as_ref();
-        Some(Self {
+        let content_type = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
+        if content_type.starts_with(b"text/event-stream") {
+            Some(true)
+        } else {
+            content_type
+                .starts_with(b"application/json")
+                .then_some(false)
+        }
+    }
+
+    /// The meter of a measured response's body.
+    pub(crate) fn new(
+        meters: &RetryMeters,
+        model: Option<&Model>,
+        stream: bool,
+        started: tokio::time::Instant,
+    ) -> Self {
+        Self {
             meters: meters.table.arc(model),
             prices: model
                 .zip(meters.prices.as_ref())
@@ -500,7 +508,7 @@ impl BodyMeter {
             span: tracing::Span::current(),
             reader: crate::usage::UsageReader::new(stream),
             first_chunk_seen: false,
-        })
+        }
     }
 
     pub(crate) fn see(&mut self, chunk: &[u8]) {
@@ -605,11 +613,14 @@ impl CallMeters {
     }
 }
 
-/// The log layer's table: bounded over (asked, served) pairs of models.
+/// The log layer's tables: bounded, by model when the model asked for
+/// answered (the common case: one string hashed per call), by pair when a
+/// fallback answered.
 #[cfg(feature = "request-id")]
 #[derive(Debug)]
 pub(crate) struct CallTable {
-    table: Table<(Model, Model), CallMeters>,
+    same: Table<Model, CallMeters>,
+    pairs: Table<(Model, Model), CallMeters>,
     /// `server.address`: the host of the layer's first call (a client
     /// talks to one API; read with one load per call, never hashed).
     server: OnceLock<Option<String>>,
@@ -619,7 +630,8 @@ pub(crate) struct CallTable {
 impl CallTable {
     pub(crate) fn new() -> Self {
         Self {
-            table: Table::new(MAX_MODELS),
+            same: Table::new(MAX_MODELS),
+            pairs: Table::new(MAX_MODELS),
             server: OnceLock::new(),
         }
     }
@@ -633,6 +645,10 @@ impl CallTable {
         }
     }
 
+    fn server_label(&self) -> Option<&str> {
+        self.server.get().and_then(Option::as_deref)
+    }
+
     /// A call's end: its duration (to its response head or error) and,
     /// when no retry layer inside counted it, its final attempt.
     pub(crate) fn record(
@@ -643,8 +659,25 @@ impl CallTable {
         duration: std::time::Duration,
         count_attempt: bool,
     ) {
-        let server = || self.server.get().and_then(Option::as_deref);
-        self.table.with(
+        let use_it = |meters: &CallMeters| meters.call(class, duration, count_attempt);
+        let other = || CallMeters::new(OTHER, OTHER, self.server_label());
+        if asked == served {
+            self.same.with(
+                asked.as_str(),
+                |name| {
+                    let label = clean_label(name)?;
+                    describe();
+                    Some((
+                        asked.clone(),
+                        CallMeters::new(label, label, self.server_label()),
+                    ))
+                },
+                other,
+                use_it,
+            );
+            return;
+        }
+        self.pairs.with(
             &(asked.clone(), served.clone()),
             |(asked, served)| {
                 let asked_label = clean_label(asked.as_str())?;
@@ -652,11 +685,11 @@ impl CallTable {
                 describe();
                 Some((
                     (asked.clone(), served.clone()),
-                    CallMeters::new(asked_label, served_label, server()),
+                    CallMeters::new(asked_label, served_label, self.server_label()),
                 ))
             },
-            || CallMeters::new(OTHER, OTHER, server()),
-            |meters| meters.call(class, duration, count_attempt),
+            other,
+            use_it,
         );
     }
 }

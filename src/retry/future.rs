@@ -592,25 +592,20 @@ impl<B: ReplayableBody> Call<B> {
             None => body,
         };
         #[cfg(feature = "metrics")]
-        let body = match self.policy.metrics.clone() {
-            Some(meters) => {
-                // Only a body that reports usage (JSON or a stream) is
-                // measured, and only then is the model read.
-                let started = self.started;
-                let meter = (!parts.status.is_client_error() && !parts.status.is_server_error())
-                    .then(|| {
-                        crate::metrics::BodyMeter::for_response(
-                            &meters,
-                            || self.model_kept(),
-                            &parts.headers,
-                            started,
-                        )
-                    })
-                    .flatten();
-                match meter {
-                    Some(meter) => body.with_meter(meter),
-                    None => body,
-                }
+        // Only a success whose body reports usage (JSON or a stream) is
+        // measured, and only then is the model read.
+        #[cfg(feature = "metrics")]
+        let body = match crate::metrics::BodyMeter::measured(parts.status, &parts.headers)
+            .zip(self.policy.metrics.clone())
+        {
+            Some((stream, meters)) => {
+                let model = self.model_kept();
+                body.with_meter(crate::metrics::BodyMeter::new(
+                    &meters,
+                    model.as_ref(),
+                    stream,
+                    self.started,
+                ))
             }
             None => body,
         };
