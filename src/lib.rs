@@ -117,10 +117,11 @@
 //! | `retry` | yes | [`OverloadRetryLayer`], [`RetryPolicy`], the stream guard |
 //! | `concurrency` | yes | [`ConcurrencyPerModelLayer`] |
 //! | `fallback` | yes | [`ModelFallbackLayer`] |
-//! | `request-id` | yes | [`RequestIdLogLayer`], `OverloadStats` |
+//! | `request-id` | yes | [`RequestIdLogLayer`], `stats::OverloadStats` |
 //! | `pacing` | no | `RateLimitPacingLayer`: waits for rate-limit budget instead of collecting 429s |
 //! | `health` | no | `health::HealthMonitor`: status page poller, controlled probe, incident-or-local-pressure verdict in errors |
 //! | `redis` | no | `fleet`: per-model caps and the retry quota shared by many workers through Redis or Valkey |
+//! | `metrics` | no | every layer records through the `metrics` facade: OpenTelemetry GenAI names, TTFT, token usage and cost, retries, fallbacks, overload (see `metrics`) |
 //! | `hyper-util` | no | precise classification of hyper-util's client errors |
 //! | `reqwest` | no | a `tower::Service` over `reqwest::Client`, and a classifier of reqwest's errors |
 //! | `reqwest-middleware` | no | the crate's layers as a `reqwest_middleware::Middleware` |
@@ -160,7 +161,11 @@ pub mod headers;
 #[cfg_attr(docsrs, doc(cfg(feature = "health")))]
 pub mod health;
 mod json;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 pub mod model;
+mod observe;
 #[cfg(feature = "pacing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "pacing")))]
 pub mod pacing;
@@ -196,7 +201,12 @@ pub mod usage;
     )))
 )]
 pub mod stack;
+#[cfg(feature = "request-id")]
+#[cfg_attr(docsrs, doc(cfg(feature = "request-id")))]
+pub mod stats;
 mod sync;
+#[cfg(any(feature = "request-id", feature = "metrics"))]
+mod table;
 #[cfg(any(feature = "retry", feature = "fallback"))]
 mod template;
 mod time;

@@ -176,10 +176,245 @@ pub(crate) fn count_at(bytes: &[u8], at: usize) -> Option<u64> {
     })
 }
 
+/// The longest SSE line kept while it arrives in pieces; a longer one
+/// (a huge text delta) is skipped, as it cannot carry the usage events.
+const MAX_LINE: usize = 64 * 1024;
+
+/// How much of the end of a JSON body is kept to find its `usage`, which
+/// the API writes last.
+const TAIL: usize = 4 * 1024;
+
+/// Reads the usage a response body reports as its chunks pass (the JSON
+/// `usage`, or a stream's `message_start` and `message_delta` events),
+/// without keeping the body: a stream's current line, or a JSON body's
+/// last few KiB. Also notes a stream's first content event. Shared by the
+/// pacing layer (which settles reservations with it) and the metrics.
+#[cfg_attr(
+    not(all(feature = "pacing", feature = "metrics", feature = "retry")),
+    allow(dead_code)
+)]
+#[derive(Debug)]
+pub(crate) struct UsageReader {
+    reader: Reader,
+    /// The body was read to its end: what it reported is complete.
+    ended: bool,
+}
+
+#[derive(Debug)]
+enum Reader {
+    Sse {
+        /// The start of a line whose end has not arrived yet.
+        line: Vec<u8>,
+        /// Skipping to the end of a line that cannot be a usage event.
+        skipping: bool,
+        usage: Option<Usage>,
+        /// A content event (`content_block_delta`) was seen.
+        content: bool,
+    },
+    Json {
+        tail: Vec<u8>,
+        /// Bytes before `tail` were dropped.
+        cut: bool,
+    },
+}
+
+#[cfg_attr(
+    not(all(feature = "pacing", feature = "metrics", feature = "retry")),
+    allow(dead_code)
+)]
+impl UsageReader {
+    pub(crate) fn new(event_stream: bool) -> Self {
+        let reader = if event_stream {
+            Reader::Sse {
+                line: Vec::new(),
+                skipping: false,
+                usage: None,
+                content: false,
+            }
+        } else {
+            Reader::Json {
+                tail: Vec::new(),
+                cut: false,
+            }
+        };
+        Self {
+            reader,
+            ended: false,
+        }
+    }
+
+    pub(crate) fn feed(&mut self, chunk: &[u8]) {
+        match &mut self.reader {
+            Reader::Sse {
+                line,
+                skipping,
+                usage,
+                content,
+            } => feed_sse(line, skipping, usage, content, chunk),
+            Reader::Json { tail, cut } => {
+                tail.extend_from_slice(chunk);
+                // Trimmed in steps of at least TAIL bytes, so each byte is
+                // moved a bounded number of times.
+                if tail.len() > 2 * TAIL {
+                    tail.drain(..tail.len() - TAIL);
+                    *cut = true;
+                }
+            }
+        }
+    }
+
+    /// The body was read to its end.
+    pub(crate) fn end(&mut self) {
+        self.ended = true;
+    }
+
+    /// Whether the body was read to its end.
+    pub(crate) fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Whether a stream's first content event has passed.
+    pub(crate) fn content_started(&self) -> bool {
+        matches!(self.reader, Reader::Sse { content: true, .. })
+    }
+
+    /// What the response reported. A JSON body counts only when read to
+    /// its end; of a stream dropped early, only the input counts (the
+    /// output so far is not what the call will have generated).
+    pub(crate) fn usage(&self) -> Option<Usage> {
+        match &self.reader {
+            Reader::Sse { usage, .. } => {
+                let mut usage = (*usage)?;
+                if !self.ended {
+                    usage.output_tokens = None;
+                }
+                Some(usage)
+            }
+            Reader::Json { .. } if !self.ended => None,
+            Reader::Json { tail, cut: false } => Usage::from_message(tail),
+            Reader::Json { tail, cut: true } => {
+                let at = memchr::memmem::rfind(tail, b"\"usage\":")?;
+                Usage::object_at(tail, at + b"\"usage\":".len())
+            }
+        }
+    }
+}
+
+fn feed_sse(
+    line: &mut Vec<u8>,
+    skipping: &mut bool,
+    usage: &mut Option<Usage>,
+    content: &mut bool,
+    mut chunk: &[u8],
+) {
+    while !chunk.is_empty() {
+        match memchr::memchr(b'\n', chunk) {
+            Some(at) => {
+                let part = &chunk[..at];
+                chunk = &chunk[at + 1..];
+                if *skipping {
+                    *skipping = false;
+                } else if line.is_empty() {
+                    read_line(part, usage, content);
+                } else {
+                    line.extend_from_slice(part);
+                    read_line(line, usage, content);
+                }
+                line.clear();
+            }
+            None => {
+                if !*skipping {
+                    line.extend_from_slice(chunk);
+                    let start = &line[..line.len().min(5)];
+                    if line.len() > MAX_LINE || !b"data:".starts_with(start) {
+                        *skipping = true;
+                        line.clear();
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn read_line(line: &[u8], usage: &mut Option<Usage>, content: &mut bool) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(data) = line.strip_prefix(b"data:") else {
+        return;
+    };
+    // The first content event, looked for until seen (its `type` comes
+    // first in the API's events, so the search stops early).
+    if !*content && memchr::memmem::find(data, b"\"content_block_delta\"").is_some() {
+        *content = true;
+    }
+    // Most events carry no usage: skip them without a look at their JSON.
+    if memchr::memmem::find(data, b"usage").is_none() {
+        return;
+    }
+    let data = data.strip_prefix(b" ").unwrap_or(data);
+    if let Some(reported) = Usage::from_event(data) {
+        usage.get_or_insert_default().update(reported);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn sse(chunks: &[&[u8]]) -> Option<Usage> {
+        let mut reader = UsageReader::new(true);
+        for chunk in chunks {
+            reader.feed(chunk);
+        }
+        reader.end();
+        reader.usage()
+    }
+
+    #[test]
+    fn usage_events_split_anywhere_are_read() {
+        let stream = b"event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"cache_read_input_tokens\":100,\"output_tokens\":1}}}\r\n\r\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"usage\"}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n";
+        for split in 0..stream.len() {
+            for second in split..stream.len() {
+                let usage = sse(&[&stream[..split], &stream[split..second], &stream[second..]])
+                    .unwrap_or_else(|| panic!("split at {split}, {second}"));
+                assert_eq!(
+                    (
+                        usage.input_charged(),
+                        usage.input_total(),
+                        usage.output_tokens
+                    ),
+                    (25, 125, Some(15)),
+                    "split at {split}, {second}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_first_content_event_is_noted_once_it_passes() {
+        let mut reader = UsageReader::new(true);
+        reader.feed(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3}}}\n\n");
+        assert!(!reader.content_started());
+        reader.feed(b"event: content_block_delta\ndata: {\"type\":\"content_block_del");
+        assert!(!reader.content_started(), "not before the line ends");
+        reader.feed(b"ta\",\"delta\":{\"text\":\"Hi\"}}\n\n");
+        assert!(reader.content_started());
+    }
+
+    #[test]
+    fn an_overlong_line_is_skipped_and_the_next_read() {
+        let mut long = b"data: {\"type\":\"content_block_delta\",\"text\":\"".to_vec();
+        long.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        let delta = b"\"}\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":7}}\n";
+        let usage = sse(&[&long[..1000], &long[1000..], delta]).unwrap();
+        assert_eq!(usage.output_tokens, Some(7));
+        // A usage-looking line that is not `data:` is not an event.
+        assert_eq!(
+            sse(&[b"id: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":7}}\n"]),
+            None
+        );
+    }
 
     #[test]
     fn counts_are_plain_integers() {

@@ -86,7 +86,8 @@ async fn a_storm_is_absorbed_with_headers_and_body_forwarded_and_no_key_logged()
             messages_body("claude-opus-4-6"),
             "byte for byte"
         );
-        assert!(forwarded.headers.get("x-client-request-id").is_some());
+        // Issue 16: the log layer only observes; the correlation id is opt-in.
+        assert!(forwarded.headers.get("x-client-request-id").is_none());
     }
     let logs = captured.text();
     assert!(

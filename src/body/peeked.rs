@@ -51,6 +51,8 @@ struct Peeked<E> {
     prefix: VecDeque<Frame<Bytes>>,
     error: Option<E>,
     watch: Option<Watch>,
+    #[cfg(all(feature = "metrics", feature = "retry"))]
+    meter: Option<crate::metrics::BodyMeter>,
 }
 
 impl<E> Default for Peeked<E> {
@@ -59,6 +61,29 @@ impl<E> Default for Peeked<E> {
             prefix: VecDeque::new(),
             error: None,
             watch: None,
+            #[cfg(all(feature = "metrics", feature = "retry"))]
+            meter: None,
+        }
+    }
+}
+
+impl<E> Peeked<E> {
+    /// A chunk the caller is handed: watched, and measured.
+    fn see(&mut self, chunk: &[u8]) {
+        if let Some(watch) = self.watch.as_mut() {
+            watch.see(chunk);
+        }
+        #[cfg(all(feature = "metrics", feature = "retry"))]
+        if let Some(meter) = self.meter.as_mut() {
+            meter.see(chunk);
+        }
+    }
+
+    /// The inner body ended.
+    fn ended(&mut self) {
+        #[cfg(all(feature = "metrics", feature = "retry"))]
+        if let Some(meter) = self.meter.as_mut() {
+            meter.end();
         }
     }
 }
@@ -217,6 +242,14 @@ impl<B: Body> PeekedBody<B> {
         self
     }
 
+    /// Measures the chunks yielded from here on (time to first content,
+    /// token usage).
+    #[cfg(all(feature = "metrics", feature = "retry"))]
+    pub(crate) fn with_meter(mut self, meter: crate::metrics::BodyMeter) -> Self {
+        self.peeked().meter = Some(meter);
+        self
+    }
+
     /// The inner body.
     ///
     /// ```
@@ -245,8 +278,12 @@ where
         let this = self.project();
         if let Some(peeked) = this.peeked.as_mut() {
             if let Some(frame) = peeked.prefix.pop_front() {
-                if let (Some(watch), Some(chunk)) = (peeked.watch.as_mut(), frame.data_ref()) {
-                    watch.see(chunk);
+                if let Some(chunk) = frame.data_ref() {
+                    peeked.see(chunk);
+                }
+                if peeked.prefix.is_empty() && peeked.error.is_none() && this.inner.is_end_stream()
+                {
+                    peeked.ended();
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }
@@ -257,10 +294,16 @@ where
         if this.idle.as_ref().is_some_and(|idle| idle.expired) {
             return Poll::Ready(None);
         }
-        let frame = match this.inner.poll_frame(cx) {
+        let mut inner = this.inner;
+        let frame = match inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
-            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(None) => {
+                if let Some(peeked) = this.peeked.as_mut() {
+                    peeked.ended();
+                }
+                return Poll::Ready(None);
+            }
             Poll::Pending => {
                 let Some(idle) = this.idle.as_mut() else {
                     return Poll::Pending;
@@ -290,10 +333,13 @@ where
             idle.armed = false;
         }
         let frame = frame.map_data(|mut data| data.copy_to_bytes(data.remaining()));
-        if let Some(peeked) = this.peeked.as_mut()
-            && let (Some(watch), Some(chunk)) = (peeked.watch.as_mut(), frame.data_ref())
-        {
-            watch.see(chunk);
+        if let Some(peeked) = this.peeked.as_mut() {
+            if let Some(chunk) = frame.data_ref() {
+                peeked.see(chunk);
+            }
+            if inner.is_end_stream() {
+                peeked.ended();
+            }
         }
         Poll::Ready(Some(Ok(frame)))
     }

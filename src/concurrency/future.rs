@@ -75,11 +75,34 @@ type Lease = Pin<Box<dyn Future<Output = Option<crate::fleet::FleetLease>> + Sen
 type Lease = ();
 
 /// One place in a key's queue, given back when dropped.
-struct QueueSlot(Arc<KeyState>);
+struct QueueSlot(
+    Arc<KeyState>,
+    #[cfg(feature = "metrics")] tokio::time::Instant,
+);
+
+impl QueueSlot {
+    fn new(key: Arc<KeyState>) -> Self {
+        #[cfg(feature = "metrics")]
+        if let Some(meters) = &key.meters {
+            meters.queued.increment(1.0);
+        }
+        Self(
+            key,
+            #[cfg(feature = "metrics")]
+            tokio::time::Instant::now(),
+        )
+    }
+}
 
 impl Drop for QueueSlot {
     fn drop(&mut self) {
         self.0.queued.fetch_sub(1, Ordering::Relaxed);
+        // The wait ends here: permit, timeout or cancellation.
+        #[cfg(feature = "metrics")]
+        if let Some(meters) = &self.0.meters {
+            meters.queued.decrement(1.0);
+            meters.queue_wait.record(self.1.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -125,7 +148,7 @@ where
             let error = Error::new(ErrorKind::QueueFull).with_model(key.key.clone());
             return Self::failed(error, limits);
         }
-        let slot = QueueSlot(Arc::clone(&key));
+        let slot = QueueSlot::new(Arc::clone(&key));
         let acquire: Acquire = match (&key_permit, &limits.global) {
             (Some(_), Some(global)) => Box::pin(Arc::clone(global).acquire_owned()),
             _ => Box::pin(Arc::clone(&key.semaphore).acquire_owned()),

@@ -59,6 +59,8 @@ impl ConcurrencyPerModelLayer {
                 fleet: None,
                 #[cfg(feature = "health")]
                 health: None,
+                #[cfg(feature = "metrics")]
+                metrics: true,
             },
             key_fn: ModelKey,
             limits: Arc::new(OnceLock::new()),
@@ -199,6 +201,19 @@ impl<K> ConcurrencyPerModelLayer<K> {
     /// ```
     pub fn max_keys(self, max: usize) -> Self {
         self.configure(|config| config.max_keys = max)
+    }
+
+    /// Whether the layer records [metrics](crate::metrics) (default on
+    /// with the feature): in flight, limit and queued per key, queue wait.
+    ///
+    /// ```
+    /// # use tower_overload::concurrency::ConcurrencyPerModelLayer;
+    /// let layer = ConcurrencyPerModelLayer::new(16).metrics(false);
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(self, on: bool) -> Self {
+        self.configure(|config| config.metrics = on)
     }
 
     /// Keys requests with `key_fn` instead of [`ModelKey`].

@@ -39,7 +39,15 @@ pub(crate) struct Config {
     /// harder) or a declared incident (do not grow back into it).
     #[cfg(feature = "health")]
     pub(crate) health: Option<crate::health::HealthMonitor>,
+    /// Whether keys record metrics (the `metrics` feature's switch).
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: bool,
 }
+
+#[cfg(feature = "metrics")]
+type Meters = Option<Arc<crate::metrics::ConcurrencyMeters>>;
+#[cfg(not(feature = "metrics"))]
+type Meters = ();
 
 /// Name of the bucket that unknown keys share when every slot is busy.
 pub(crate) const OVERFLOW_KEY: &str = "<overflow>";
@@ -71,6 +79,8 @@ pub(crate) struct Limits {
     /// shared counter written on the hot path.
     epoch: AtomicU64,
     pub(crate) global: Option<Arc<Semaphore>>,
+    #[cfg(feature = "metrics")]
+    meters: Option<crate::metrics::ModelTable<crate::metrics::ConcurrencyMeters>>,
 }
 
 #[derive(Debug, Default)]
@@ -123,12 +133,20 @@ impl Table {
 
 impl Limits {
     pub(crate) fn new(config: Config) -> Self {
+        #[cfg(feature = "metrics")]
+        let meters = config
+            .metrics
+            .then(|| crate::metrics::ModelTable::new(crate::metrics::ConcurrencyMeters::new));
         let overflow = Arc::new(KeyState::new(
             Model::new(OVERFLOW_KEY),
             config.default_limit,
             config.adaptive.as_ref(),
             false,
             0,
+            #[cfg(feature = "metrics")]
+            meters.as_ref().map(|table| table.arc(None)),
+            #[cfg(not(feature = "metrics"))]
+            (),
         ));
         let global = config
             .global_limit
@@ -140,6 +158,8 @@ impl Limits {
             overflow,
             epoch: AtomicU64::new(0),
             global,
+            #[cfg(feature = "metrics")]
+            meters,
         }
     }
 
@@ -200,6 +220,10 @@ impl Limits {
             self.config.adaptive.as_ref(),
             configured.is_some(),
             stamp,
+            #[cfg(feature = "metrics")]
+            self.meters.as_ref().map(|table| table.arc(Some(&key))),
+            #[cfg(not(feature = "metrics"))]
+            (),
         ));
         table.map.insert(key, Arc::clone(&state));
         // Copied whole: the table is bounded (`max_keys` plus the configured
@@ -247,6 +271,10 @@ pub(crate) struct KeyState {
     pub(crate) queued: AtomicUsize,
     pub(crate) rejected: AtomicU64,
     pub(crate) timed_out: AtomicU64,
+    /// The key's gauges, from a table of their own: keys come and go as
+    /// the key table evicts idle ones, label values must not.
+    #[cfg(feature = "metrics")]
+    pub(crate) meters: Option<Arc<crate::metrics::ConcurrencyMeters>>,
 }
 
 #[derive(Debug)]
@@ -262,9 +290,16 @@ impl KeyState {
         adaptive: Option<&Aimd>,
         configured: bool,
         stamp: u64,
+        meters: Meters,
     ) -> Self {
         // tokio's semaphore panics past MAX_PERMITS; `usize::MAX` means "no cap" to a caller.
         let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
+        #[cfg(feature = "metrics")]
+        if let Some(meters) = &meters {
+            meters.limit.set(limit as f64);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let () = meters;
         Self {
             key,
             semaphore: Arc::new(Semaphore::new(limit)),
@@ -280,6 +315,8 @@ impl KeyState {
             queued: AtomicUsize::new(0),
             rejected: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            meters,
         }
     }
 
@@ -311,6 +348,10 @@ impl KeyState {
     /// key's permit was taken with [`try_take`](Self::try_take).
     pub(crate) fn permit(state: Arc<Self>, global: Option<OwnedSemaphorePermit>) -> Permit {
         state.in_flight.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(meters) = &state.meters {
+            meters.in_flight.increment(1.0);
+        }
         Permit {
             state,
             _global: global,
@@ -339,6 +380,7 @@ impl KeyState {
         if target < limit.current {
             let shrink = limit.current - target;
             limit.current = target;
+            self.limit_changed(target);
             let forgotten = self.semaphore.forget_permits(shrink);
             self.debt.fetch_add(shrink - forgotten, Ordering::AcqRel);
         }
@@ -359,6 +401,7 @@ impl KeyState {
         if target > limit.current {
             let grow = target - limit.current;
             limit.current = target;
+            self.limit_changed(target);
             // Growth first cancels debt, so the permits in use come back.
             let debt = self
                 .debt
@@ -370,8 +413,20 @@ impl KeyState {
         }
     }
 
+    fn limit_changed(&self, limit: usize) {
+        #[cfg(feature = "metrics")]
+        if let Some(meters) = &self.meters {
+            meters.limit.set(limit as f64);
+        }
+        let _ = limit;
+    }
+
     fn release(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(meters) = &self.meters {
+            meters.in_flight.decrement(1.0);
+        }
         self.give_back();
     }
 
@@ -511,6 +566,8 @@ mod tests {
             fleet: None,
             #[cfg(feature = "health")]
             health: None,
+            #[cfg(feature = "metrics")]
+            metrics: false,
         })
     }
 

@@ -194,16 +194,39 @@ where
     fn select(&mut self, from: usize, now: Instant) -> Option<(usize, bool)> {
         for position in from..self.chain_len() {
             let model = self.model_at(position)?.clone();
-            match self.shared.breakers.get(&model).map(|b| b.admit(now)) {
+            let admission = self.shared.breakers.get(&model).map(|b| b.admit(now));
+            #[cfg(feature = "metrics")]
+            if let (Some(meters), Some(admission)) = (&self.shared.metrics, admission) {
+                meters.models.with(Some(&model), |meters| {
+                    let state = match admission {
+                        Admission::Use => 0.0,
+                        Admission::Skip => 1.0,
+                        Admission::Probe => 2.0,
+                    };
+                    meters.breaker_state.set(state);
+                    if admission == Admission::Skip {
+                        meters.skipped();
+                    }
+                });
+            }
+            match admission {
                 Some(Admission::Use) | None => return Some((position, false)),
                 Some(Admission::Probe) => return Some((position, true)),
-                Some(Admission::Skip) => self.records.push(FallbackRecord {
-                    model,
-                    skipped: true,
-                    class: None,
-                    status: None,
-                    request_ids: Vec::new(),
-                }),
+                Some(Admission::Skip) => {
+                    // Told as it happens, with the call's other lines.
+                    crate::observe::model_skipped(
+                        &model,
+                        crate::observe::SkipReason::BreakerOpen,
+                        self.model_at(position + 1),
+                    );
+                    self.records.push(FallbackRecord {
+                        model,
+                        skipped: true,
+                        class: None,
+                        status: None,
+                        request_ids: Vec::new(),
+                    });
+                }
             }
         }
         None
@@ -316,6 +339,12 @@ where
             .iter()
             .flat_map(|r| r.request_ids.iter().map(RequestId::as_str))
             .collect();
+        #[cfg(feature = "metrics")]
+        if let Some(meters) = &self.shared.metrics
+            && from != to
+        {
+            meters.fallbacks.fallback(&from, &to);
+        }
         tracing::warn!(
             target: "tower_overload::fallback",
             requested = %self.requested,

@@ -34,6 +34,8 @@ pub struct ModelFallbackLayer {
     fall_back_when_saturated: bool,
     #[cfg(feature = "redis")]
     fleet: Option<crate::fleet::Fleet>,
+    #[cfg(feature = "metrics")]
+    metrics: bool,
     shared: Arc<OnceLock<Arc<Shared>>>,
 }
 
@@ -59,6 +61,8 @@ impl ModelFallbackLayer {
             fall_back_when_saturated: true,
             #[cfg(feature = "redis")]
             fleet: None,
+            #[cfg(feature = "metrics")]
+            metrics: true,
             shared: Arc::new(OnceLock::new()),
         }
     }
@@ -124,6 +128,21 @@ impl ModelFallbackLayer {
         self.reset()
     }
 
+    /// Whether the layer records [metrics](crate::metrics) (default on
+    /// with the feature): fallbacks from and to, models skipped, breaker
+    /// state per model.
+    ///
+    /// ```
+    /// # use tower_overload::fallback::ModelFallbackLayer;
+    /// let layer = ModelFallbackLayer::new(["claude-opus-4-6", "claude-sonnet-4-6"]).metrics(false);
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = on;
+        self.reset()
+    }
+
     fn reset(mut self) -> Self {
         self.shared = Arc::new(OnceLock::new());
         self
@@ -185,6 +204,11 @@ impl ModelFallbackLayer {
                 triggers: self.triggers.clone(),
                 served_by_header: self.served_by_header.clone(),
                 fall_back_when_saturated: self.fall_back_when_saturated,
+                #[cfg(feature = "metrics")]
+                metrics: self.metrics.then(|| super::Meters {
+                    fallbacks: crate::metrics::FallbackTable::new(),
+                    models: crate::metrics::ModelTable::new(crate::metrics::ModelStateMeters::new),
+                }),
             })
         });
         Arc::clone(shared)

@@ -221,6 +221,16 @@ pub(crate) struct Shared {
     triggers: Vec<Class>,
     served_by_header: Option<HeaderName>,
     fall_back_when_saturated: bool,
+    #[cfg(feature = "metrics")]
+    metrics: Option<Meters>,
+}
+
+/// The layer's metric handles, made at first use.
+#[cfg(feature = "metrics")]
+#[derive(Debug)]
+pub(crate) struct Meters {
+    pub(crate) fallbacks: crate::metrics::FallbackTable,
+    pub(crate) models: crate::metrics::ModelTable<crate::metrics::ModelStateMeters>,
 }
 
 impl Shared {

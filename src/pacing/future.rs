@@ -135,6 +135,7 @@ impl<S, B> Wait<S, B> {
                         buckets.queue.pop_front();
                         let waited = now.saturating_duration_since(self.started);
                         buckets.record_wait(waited);
+                        key.measure(&mut buckets, now, Some(waited));
                         key.wake(&buckets);
                         drop(buckets);
                         if waited > LONG_WAIT {
@@ -255,6 +256,7 @@ where
         let short = if buckets.queue.is_empty() {
             match buckets.try_take(amounts, now) {
                 Ok(taken) => {
+                    key.measure(&mut buckets, now, None);
                     drop(buckets);
                     let call = Call {
                         key,

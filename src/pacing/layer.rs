@@ -64,6 +64,8 @@ impl RateLimitPacingLayer {
                 max_keys: 64,
                 #[cfg(feature = "redis")]
                 fleet: None,
+                #[cfg(feature = "metrics")]
+                metrics: true,
             },
             pacer: Arc::new(OnceLock::new()),
         }
@@ -164,6 +166,19 @@ impl RateLimitPacingLayer {
     /// ```
     pub fn max_keys(self, max: usize) -> Self {
         self.configure(|config| config.max_keys = max)
+    }
+
+    /// Whether the layer records [metrics](crate::metrics) (default on
+    /// with the feature): the wait for budget, what is left of each bucket.
+    ///
+    /// ```
+    /// # use tower_overload::pacing::RateLimitPacingLayer;
+    /// let layer = RateLimitPacingLayer::new().metrics(false);
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(self, on: bool) -> Self {
+        self.configure(|config| config.metrics = on)
     }
 
     /// Every key's buckets, queue and counters, across all services this

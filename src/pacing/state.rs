@@ -34,6 +34,9 @@ pub(crate) struct Config {
     /// Shares every key's buckets with the fleet.
     #[cfg(feature = "redis")]
     pub(crate) fleet: Option<crate::fleet::Fleet>,
+    /// Whether keys record metrics (the `metrics` feature's switch).
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -100,7 +103,7 @@ impl Pacer {
         let other = Arc::new(KeyState::new(
             Model::new(OTHER_KEY),
             PacingLimits::default(),
-            fleet_share(&config),
+            &config,
         ));
         share_with_fleet(&config, &other);
         // Configured keys and groups exist from the start: their lookups
@@ -110,7 +113,7 @@ impl Pacer {
         for key in groups {
             map.entry(key.clone()).or_insert_with(|| {
                 let limits = config.limits.get(key).copied().unwrap_or_default();
-                let state = Arc::new(KeyState::new(key.clone(), limits, fleet_share(&config)));
+                let state = Arc::new(KeyState::new(key.clone(), limits, &config));
                 share_with_fleet(&config, &state);
                 state
             });
@@ -159,7 +162,7 @@ impl Pacer {
         let state = Arc::new(KeyState::new(
             model.clone(),
             PacingLimits::default(),
-            fleet_share(&self.config),
+            &self.config,
         ));
         share_with_fleet(&self.config, &state);
         let mut map = KeyMap::clone(&published);
@@ -214,6 +217,9 @@ fn share_with_fleet(config: &Config, state: &Arc<KeyState>) {
 pub(crate) struct KeyState {
     pub(crate) key: Model,
     pub(crate) inner: Mutex<Buckets>,
+    /// Keys are never removed and are bounded by `max_keys`: so are these.
+    #[cfg(feature = "metrics")]
+    pub(crate) meters: Option<crate::metrics::PacingMeters>,
 }
 
 /// What the lock of a key guards.
@@ -258,10 +264,15 @@ pub(crate) struct Buckets {
 }
 
 impl KeyState {
-    fn new(key: Model, limits: PacingLimits, share: f64) -> Self {
+    fn new(key: Model, limits: PacingLimits, config: &Config) -> Self {
         let now = Instant::now();
+        let share = fleet_share(config);
         let bucket = |limit: Option<u64>| limit.map(|limit| shared_bucket(limit, now, share));
         Self {
+            #[cfg(feature = "metrics")]
+            meters: config
+                .metrics
+                .then(|| crate::metrics::PacingMeters::new(key.as_str())),
             key,
             inner: Mutex::new(Buckets {
                 buckets: [
@@ -289,6 +300,24 @@ impl KeyState {
                 last_estimate_error: None,
             }),
         }
+    }
+
+    /// Publishes what is left of each bucket (after a call took its share)
+    /// and, when it waited, how long.
+    pub(crate) fn measure(&self, buckets: &mut Buckets, now: Instant, waited: Option<Duration>) {
+        #[cfg(feature = "metrics")]
+        if let Some(meters) = &self.meters {
+            for (bucket, gauge) in buckets.buckets.iter_mut().zip(&meters.fill) {
+                if let Some(bucket) = bucket {
+                    let capacity = bucket.capacity().max(1) as f64;
+                    gauge.set((bucket.available(now) / capacity).clamp(0.0, 1.0));
+                }
+            }
+            if let Some(waited) = waited {
+                meters.wait.record(waited.as_secs_f64());
+            }
+        }
+        let _ = (buckets, now, waited);
     }
 
     /// Wakes the head of the queue, if any: it may go earlier, or, new at
@@ -673,6 +702,8 @@ mod tests {
             max_keys,
             #[cfg(feature = "redis")]
             fleet: None,
+            #[cfg(feature = "metrics")]
+            metrics: false,
         };
         let limits = PacingLimits {
             requests_per_minute: Some(5),

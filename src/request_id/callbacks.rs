@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use http::{Method, StatusCode, Uri};
+use tracing::field::Empty;
 use tracing::{Level, Span};
 
 use crate::classify::Class;
@@ -30,7 +31,16 @@ pub trait MakeSpan {
     fn make_span(&self, call: &CallInfo<'_>) -> Span;
 }
 
-/// An INFO span `llm_call` with `model`, `method`, `path` and `correlation_id`.
+/// An INFO span `llm_call` with OpenTelemetry's GenAI and HTTP attribute
+/// names: `gen_ai.operation.name` (`chat`), `gen_ai.provider.name`
+/// (`anthropic`), `gen_ai.request.model`, `server.address`,
+/// `http.request.method`, `url.path` and `correlation_id`; filled when the
+/// call ends: `gen_ai.response.model` (the model that answered),
+/// `http.response.status_code`, `error.type` (the failure's class) and
+/// `tower_overload.time_to_response_head_ms`; with the `metrics` feature,
+/// when the body is read: `tower_overload.time_to_first_chunk_ms` (a
+/// stream's first content event), `gen_ai.usage.input_tokens` and
+/// `gen_ai.usage.output_tokens`.
 ///
 /// ```
 /// use tower_overload::request_id::{CallInfo, DefaultMakeSpan, MakeSpan};
@@ -46,10 +56,20 @@ impl MakeSpan for DefaultMakeSpan {
         tracing::info_span!(
             target: "tower_overload",
             "llm_call",
-            model = %OrDash(call.model),
-            method = %call.method,
-            path = %call.uri.path(),
+            gen_ai.operation.name = "chat",
+            gen_ai.provider.name = "anthropic",
+            gen_ai.request.model = %OrDash(call.model),
+            gen_ai.response.model = Empty,
+            server.address = %OrDash(call.uri.host()),
+            http.request.method = %call.method,
+            url.path = %call.uri.path(),
             correlation_id = %call.correlation_id,
+            http.response.status_code = Empty,
+            error.type = Empty,
+            tower_overload.time_to_response_head_ms = Empty,
+            tower_overload.time_to_first_chunk_ms = Empty,
+            gen_ai.usage.input_tokens = Empty,
+            gen_ai.usage.output_tokens = Empty,
         )
     }
 }
@@ -99,10 +119,30 @@ impl fmt::Debug for Outcome<'_> {
     }
 }
 
+/// A model of a fallback chain that a call skipped without trying it.
+#[derive(Debug, Clone, Copy)]
+pub struct Skip<'a> {
+    /// The model skipped.
+    pub model: &'a Model,
+    /// Why: `breaker_open` (cooling down, or being probed by another call).
+    pub reason: &'static str,
+    /// The model the call moves on to, if any.
+    pub next: Option<&'a Model>,
+    /// The client-side correlation id of the call.
+    pub correlation_id: &'a str,
+}
+
 /// Records an outcome.
 pub trait OnOutcome {
-    /// Records `outcome` (inside the call's span).
+    /// Records `outcome` (inside the call's span). Attempts are recorded as
+    /// each ends (`is_final` false), the call's answer when it comes.
     fn on_outcome(&self, outcome: &Outcome<'_>);
+
+    /// Records a model the call skipped (inside the call's span). Records
+    /// nothing unless implemented.
+    fn on_skip(&self, skip: &Skip<'_>) {
+        let _ = skip;
+    }
 }
 
 /// Events at a level chosen by class: DEBUG for a success, WARN for an
@@ -222,7 +262,8 @@ impl OnOutcome for DefaultOnOutcome {
         let message = match (outcome.is_final, outcome.class.is_failure()) {
             (true, false) => "llm call succeeded",
             (true, true) => "llm call failed",
-            (false, _) => "llm attempt failed",
+            (false, true) => "llm attempt failed",
+            (false, false) => "llm attempt succeeded",
         };
         event_at!(
             level,
@@ -238,6 +279,17 @@ impl OnOutcome for DefaultOnOutcome {
             delay_ms = %Millis(outcome.delay),
             error = %OrDash(outcome.error),
             "{message}"
+        );
+    }
+
+    fn on_skip(&self, skip: &Skip<'_>) {
+        tracing::warn!(
+            target: "tower_overload",
+            model = %skip.model,
+            reason = %skip.reason,
+            next = %OrDash(skip.next),
+            correlation_id = %skip.correlation_id,
+            "llm model skipped"
         );
     }
 }

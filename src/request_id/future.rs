@@ -17,6 +17,7 @@ use super::{MakeSpan, OnOutcome, Outcome, Shared};
 use crate::classify::{self, Class};
 use crate::headers;
 use crate::model::Model;
+use crate::observe::{self, CallContext};
 use crate::{BoxError, Error, ErrorKind};
 
 pin_project! {
@@ -30,6 +31,9 @@ pin_project! {
         correlation_id: HeaderValue,
         model: Option<Model>,
         start: Instant,
+        // Lent to the thread while the layers inside are polled, so they
+        // can report each attempt as it ends.
+        context: Option<CallContext>,
     }
 }
 
@@ -40,6 +44,7 @@ impl<F, M, O> ResponseFuture<F, M, O> {
         shared: Arc<Shared<M, O>>,
         correlation_id: HeaderValue,
         model: Option<Model>,
+        context: Option<CallContext>,
     ) -> Self {
         Self {
             inner,
@@ -48,6 +53,7 @@ impl<F, M, O> ResponseFuture<F, M, O> {
             correlation_id,
             model,
             start: Instant::now(),
+            context,
         }
     }
 }
@@ -71,19 +77,40 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let _entered = this.span.enter();
-        let mut result = ready!(this.inner.poll(cx));
+        let inner = this.inner;
+        let mut result = ready!(observe::lend(this.context, || inner.poll(cx)));
         let latency = this.start.elapsed();
         let correlation_id = this.correlation_id.to_str().unwrap_or("-");
         let shared = &**this.shared;
-        match &mut result {
+        // Attempts the layers inside reported as they ended (and counted).
+        let told = this.context.as_ref().map_or(0, |context| context.told);
+        this.span.record(
+            "tower_overload.time_to_response_head_ms",
+            latency.as_millis() as u64,
+        );
+        // Whether the layers inside left the final attempt uncounted: a
+        // first try that succeeded (no report), or no retry layer at all.
+        let (class, served, uncounted) = match &mut result {
             Ok(response) => {
-                record_response(
+                #[cfg(feature = "retry")]
+                let uncounted = response
+                    .extensions()
+                    .get::<crate::retry::RetryReport>()
+                    .is_none();
+                #[cfg(not(feature = "retry"))]
+                let uncounted = true;
+                let served = served_model(response).or_else(|| this.model.clone());
+                let class = record_response(
                     shared,
                     response,
-                    this.model.as_ref(),
+                    served.as_ref(),
                     correlation_id,
                     latency,
+                    told,
                 );
+                this.span
+                    .record("http.response.status_code", response.status().as_u16());
+                (class, served, uncounted)
             }
             Err(error) => {
                 let ours = crate_error(&*error);
@@ -97,8 +124,17 @@ where
                             | ErrorKind::DeadlineExceeded
                     )
                 });
-                if let Some(stats) = &shared.stats {
+                // The retry layer inside told of its attempts as they ended.
+                let counted = told > 0 && ours.is_some_and(|e| e.attempts() > 0);
+                let uncounted = ours.is_none_or(|e| e.attempts() == 0);
+                if let Some(stats) = &shared.stats
+                    && !counted
+                {
                     stats.record(model, class);
+                }
+                if let Some(status) = ours.and_then(Error::status) {
+                    this.span
+                        .record("http.response.status_code", status.as_u16());
                 }
                 shared.on_outcome.on_outcome(&Outcome {
                     class,
@@ -115,26 +151,47 @@ where
                     exhausted,
                     error: Some(&*error),
                 });
+                (class, model.cloned(), uncounted)
             }
+        };
+        if let Some(served) = &served {
+            this.span
+                .record("gen_ai.response.model", tracing::field::display(served));
         }
+        if class.is_failure() {
+            this.span.record("error.type", class.as_str());
+        }
+        #[cfg(feature = "metrics")]
+        if let Some(table) = &shared.metrics {
+            static UNKNOWN: Model = Model::from_static(crate::metrics::OTHER);
+            let asked = this.model.as_ref().unwrap_or(&UNKNOWN);
+            let served = served.as_ref().unwrap_or(asked);
+            table.record(asked, served, class, latency, uncounted);
+        }
+        let _ = uncounted;
         Poll::Ready(result)
     }
 }
 
+/// Records the final outcome of a call answered with a response, and
+/// returns its class. When the layers inside told nothing as it went (no
+/// retry layer inside), the earlier attempts and the models given up are
+/// recorded from the retry layer's and the fallback layer's reports.
 fn record_response<M, O: OnOutcome, R>(
     shared: &Shared<M, O>,
     response: &mut Response<R>,
-    asked: Option<&Model>,
+    served: Option<&Model>,
     correlation_id: &str,
     latency: Duration,
-) {
+    told: u32,
+) -> Class {
     let request_id = headers::request_id(response.headers());
-    let served = served_model(response).or_else(|| asked.cloned());
-    let served = served.as_ref();
 
     // Models given up by the fallback layer, with their attempts' ids.
     #[cfg(feature = "fallback")]
-    if let Some(served_by) = response.extensions().get::<crate::fallback::ServedBy>() {
+    if told == 0
+        && let Some(served_by) = response.extensions().get::<crate::fallback::ServedBy>()
+    {
         for record in served_by.fallbacks.iter().filter(|r| !r.skipped) {
             let class = record.class.unwrap_or(Class::Transport);
             for id in &record.request_ids {
@@ -158,7 +215,7 @@ fn record_response<M, O: OnOutcome, R>(
         }
     }
 
-    let (class, attempt, exhausted) = attempts_of(shared, response, served, correlation_id);
+    let (class, attempt, exhausted) = attempts_of(shared, response, served, correlation_id, told);
     let delay = if class.is_failure() {
         headers::server_delay(response.headers(), SystemTime::now())
     } else {
@@ -177,6 +234,7 @@ fn record_response<M, O: OnOutcome, R>(
         exhausted,
         error: None,
     });
+    class
 }
 
 fn served_model<R>(response: &Response<R>) -> Option<Model> {
@@ -189,38 +247,42 @@ fn served_model<R>(response: &Response<R>) -> Option<Model> {
 }
 
 /// The final outcome's class, its attempt number and whether retries were
-/// spent on it. Earlier attempts in the retry layer's report are recorded on
-/// the way, and every attempt (the final one included) is counted in the stats.
+/// spent on it. When nothing was told as it went, earlier attempts in the
+/// retry layer's report are recorded on the way, and every attempt (the
+/// final one included) is counted in the stats.
 fn attempts_of<M, O: OnOutcome, R>(
     shared: &Shared<M, O>,
     response: &Response<R>,
     model: Option<&Model>,
     correlation_id: &str,
+    told: u32,
 ) -> (Class, Option<(u32, u32)>, bool) {
     #[cfg(feature = "retry")]
     if let Some(report) = response.extensions().get::<crate::retry::RetryReport>()
         && let Some((last, earlier)) = report.attempts.split_last()
     {
-        for (index, attempt) in earlier.iter().enumerate() {
-            if let Some(stats) = &shared.stats {
-                stats.record(model, attempt.class);
+        if told == 0 {
+            for (index, attempt) in earlier.iter().enumerate() {
+                if let Some(stats) = &shared.stats {
+                    stats.record(model, attempt.class);
+                }
+                shared.on_outcome.on_outcome(&Outcome {
+                    class: attempt.class,
+                    status: attempt.status,
+                    request_id: attempt.request_id.as_ref(),
+                    correlation_id,
+                    model,
+                    attempt: Some((index as u32 + 1, report.max_attempts)),
+                    latency: None,
+                    delay: attempt.wait_after,
+                    is_final: false,
+                    exhausted: false,
+                    error: None,
+                });
             }
-            shared.on_outcome.on_outcome(&Outcome {
-                class: attempt.class,
-                status: attempt.status,
-                request_id: attempt.request_id.as_ref(),
-                correlation_id,
-                model,
-                attempt: Some((index as u32 + 1, report.max_attempts)),
-                latency: None,
-                delay: attempt.wait_after,
-                is_final: false,
-                exhausted: false,
-                error: None,
-            });
-        }
-        if let Some(stats) = &shared.stats {
-            stats.record(model, last.class);
+            if let Some(stats) = &shared.stats {
+                stats.record(model, last.class);
+            }
         }
         let exhausted = last.class.is_failure() && !earlier.is_empty();
         return (
@@ -229,8 +291,9 @@ fn attempts_of<M, O: OnOutcome, R>(
             exhausted,
         );
     }
-    let _ = correlation_id;
+    let _ = (correlation_id, told);
     let class = classify::classify(response.status(), response.headers(), None).class;
+    // A first try that succeeded is never told on the way: counted here.
     if let Some(stats) = &shared.stats {
         stats.record(model, class);
     }

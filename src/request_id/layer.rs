@@ -18,6 +18,7 @@ use super::{
 /// let layer = RequestIdLogLayer::new()
 ///     .on_outcome(DefaultOnOutcome::default().success_level(Level::INFO))
 ///     .correlation_header(http::HeaderName::from_static("x-my-correlation-id"))
+///     .send_correlation_header(true)
 ///     .stats(stats);
 /// ```
 #[derive(Debug, Clone)]
@@ -26,11 +27,16 @@ pub struct RequestIdLogLayer<M = DefaultMakeSpan, O = DefaultOnOutcome> {
     on_outcome: O,
     stats: Option<OverloadStats>,
     correlation_header: HeaderName,
+    send_correlation: bool,
+    #[cfg(feature = "metrics")]
+    metrics: bool,
 }
 
 impl RequestIdLogLayer {
     /// The defaults: [`DefaultMakeSpan`], [`DefaultOnOutcome`], the
-    /// correlation id in `x-client-request-id`, no stats.
+    /// correlation id read from `x-client-request-id` when the caller set
+    /// one (and not sent upstream), no stats; with the `metrics` feature,
+    /// metrics on.
     ///
     /// ```
     /// # use tower_overload::request_id::RequestIdLogLayer;
@@ -42,6 +48,9 @@ impl RequestIdLogLayer {
             on_outcome: DefaultOnOutcome::default(),
             stats: None,
             correlation_header: X_CLIENT_REQUEST_ID,
+            send_correlation: false,
+            #[cfg(feature = "metrics")]
+            metrics: true,
         }
     }
 }
@@ -70,6 +79,9 @@ impl<M, O> RequestIdLogLayer<M, O> {
             on_outcome: self.on_outcome,
             stats: self.stats,
             correlation_header: self.correlation_header,
+            send_correlation: self.send_correlation,
+            #[cfg(feature = "metrics")]
+            metrics: self.metrics,
         }
     }
 
@@ -90,6 +102,9 @@ impl<M, O> RequestIdLogLayer<M, O> {
             on_outcome,
             stats: self.stats,
             correlation_header: self.correlation_header,
+            send_correlation: self.send_correlation,
+            #[cfg(feature = "metrics")]
+            metrics: self.metrics,
         }
     }
 
@@ -106,8 +121,10 @@ impl<M, O> RequestIdLogLayer<M, O> {
         self
     }
 
-    /// The request header that carries the client-side correlation id; a
-    /// caller's own value there is kept.
+    /// The request header that carries the client-side correlation id: a
+    /// caller's own value there is logged as the call's id (and, with
+    /// [`send_correlation_header`](Self::send_correlation_header), a new
+    /// one is sent in it when the caller set none).
     ///
     /// ```
     /// # use tower_overload::request_id::RequestIdLogLayer;
@@ -115,6 +132,34 @@ impl<M, O> RequestIdLogLayer<M, O> {
     /// ```
     pub fn correlation_header(mut self, name: HeaderName) -> Self {
         self.correlation_header = name;
+        self
+    }
+
+    /// Whether a request without a correlation id gets one in its
+    /// [correlation header](Self::correlation_header), sent upstream
+    /// (default `false`: the layer only observes, and the id is in the logs
+    /// only). Turn it on to find a call in the upstream's or a proxy's logs.
+    ///
+    /// ```
+    /// # use tower_overload::request_id::RequestIdLogLayer;
+    /// let layer = RequestIdLogLayer::new().send_correlation_header(true);
+    /// ```
+    pub fn send_correlation_header(mut self, send: bool) -> Self {
+        self.send_correlation = send;
+        self
+    }
+
+    /// Whether the layer records [metrics](crate::metrics) (default on
+    /// with the feature): `gen_ai.client.operation.duration` per call.
+    ///
+    /// ```
+    /// # use tower_overload::request_id::RequestIdLogLayer;
+    /// let layer = RequestIdLogLayer::new().metrics(false);
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = on;
         self
     }
 }
@@ -130,6 +175,9 @@ impl<S, M: Clone, O: Clone> Layer<S> for RequestIdLogLayer<M, O> {
                 on_outcome: self.on_outcome.clone(),
                 stats: self.stats.clone(),
                 correlation_header: self.correlation_header.clone(),
+                send_correlation: self.send_correlation,
+                #[cfg(feature = "metrics")]
+                metrics: self.metrics.then(crate::metrics::CallTable::new),
             }),
         }
     }

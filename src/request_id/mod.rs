@@ -4,12 +4,17 @@
 //! record it. This layer opens a span per call and records an event per
 //! outcome with the status, the [class](crate::classify::Class), the
 //! `request-id` (or, when the response has none, a client-side correlation
-//! id that it also sends as a request header), the model, the attempt and
-//! of how many, the latency and the server's delay. Placed outside the
-//! retry and fallback layers (the recommended order), it also records every
-//! earlier attempt and every model given up, from their
-//! [`RetryReport`](crate::retry::RetryReport) and
-//! [`ServedBy`](crate::fallback::ServedBy), each with its own request id.
+//! id), the model, the attempt and of how many, the latency and the
+//! server's delay. Placed outside the retry and fallback layers (the
+//! recommended order), it also records every attempt as it ends (an
+//! operator watching a minute-long retry loop sees each attempt when it
+//! happens), each with its own request id, and every model a call skipped
+//! because its breaker was open.
+//!
+//! It only observes: the request goes on unchanged, as tower-http keeps
+//! `SetRequestId` apart from `Trace`. Sending the correlation id upstream
+//! as a request header is opt-in
+//! ([`RequestIdLogLayer::send_correlation_header`]).
 //!
 //! Successes are DEBUG; overloads, rate limits, server errors and timeouts
 //! WARN; client errors and failures whose retries were spent ERROR (see
@@ -51,7 +56,6 @@
 mod callbacks;
 pub mod future;
 mod layer;
-mod stats;
 
 use std::fmt;
 use std::sync::Arc;
@@ -62,14 +66,15 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use tower_service::Service;
 
 pub use self::callbacks::{
-    CallInfo, DefaultMakeSpan, DefaultOnOutcome, MakeSpan, OnOutcome, Outcome,
+    CallInfo, DefaultMakeSpan, DefaultOnOutcome, MakeSpan, OnOutcome, Outcome, Skip,
 };
 pub use self::layer::RequestIdLogLayer;
-pub use self::stats::{AlertState, ClassCounts, OverloadAlert, OverloadStats};
+// The overload signal lives in its own module now; its old path still works.
+pub use crate::stats::{AlertState, ClassCounts, OverloadAlert, OverloadStats};
 
 use crate::body::ReplayableBody;
 use crate::headers::RequestId;
-use crate::model;
+use crate::model::{self, Model};
 
 /// The default request header carrying the client-side correlation id.
 pub const X_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-client-request-id");
@@ -111,6 +116,50 @@ pub(crate) struct Shared<M, O> {
     on_outcome: O,
     stats: Option<OverloadStats>,
     correlation_header: HeaderName,
+    send_correlation: bool,
+    #[cfg(feature = "metrics")]
+    metrics: Option<crate::metrics::CallTable>,
+}
+
+impl<M: Send + Sync, O: OnOutcome + Send + Sync> crate::observe::ObserveCall for Shared<M, O> {
+    fn attempt_ended(
+        &self,
+        correlation_id: &HeaderValue,
+        attempt: &crate::observe::AttemptEnded<'_>,
+    ) {
+        if let Some(stats) = &self.stats {
+            stats.record(attempt.model, attempt.class);
+        }
+        self.on_outcome.on_outcome(&Outcome {
+            class: attempt.class,
+            status: attempt.status,
+            request_id: attempt.request_id,
+            correlation_id: correlation_id.to_str().unwrap_or("-"),
+            model: attempt.model,
+            attempt: Some((attempt.number, attempt.max)),
+            latency: Some(attempt.latency),
+            // No wait follows the last attempt of a loop: zero, not "-".
+            delay: Some(attempt.wait.unwrap_or_default()),
+            is_final: false,
+            exhausted: false,
+            error: attempt.error,
+        });
+    }
+
+    fn model_skipped(
+        &self,
+        correlation_id: &HeaderValue,
+        model: &Model,
+        reason: crate::observe::SkipReason,
+        next: Option<&Model>,
+    ) {
+        self.on_outcome.on_skip(&Skip {
+            model,
+            reason: reason.as_str(),
+            next,
+            correlation_id: correlation_id.to_str().unwrap_or("-"),
+        });
+    }
 }
 
 /// Correlation ids made per thread, a block at a time: a counter from a
@@ -176,6 +225,7 @@ impl<M: fmt::Debug, O: fmt::Debug> fmt::Debug for Shared<M, O> {
             .field("on_outcome", &self.on_outcome)
             .field("stats", &self.stats)
             .field("correlation_header", &self.correlation_header)
+            .field("send_correlation", &self.send_correlation)
             .finish_non_exhaustive()
     }
 }
@@ -238,8 +288,8 @@ impl<S, M, O, B, R> Service<Request<B>> for RequestIdLog<S, M, O>
 where
     S: Service<Request<B>, Response = Response<R>>,
     S::Error: fmt::Display + 'static,
-    M: MakeSpan,
-    O: OnOutcome,
+    M: MakeSpan + Send + Sync + 'static,
+    O: OnOutcome + Send + Sync + 'static,
     B: ReplayableBody,
 {
     type Response = Response<R>;
@@ -256,26 +306,40 @@ where
             Some(value) if RequestId::new(value.clone()).is_some() => value.clone(),
             _ => {
                 let id = next_correlation_id();
-                request
-                    .headers_mut()
-                    .insert(self.shared.correlation_header.clone(), id.clone());
+                // Opt-in: a layer that logs does not change requests by default.
+                if self.shared.send_correlation {
+                    request
+                        .headers_mut()
+                        .insert(self.shared.correlation_header.clone(), id.clone());
+                }
                 id
             }
         };
         let model = model::of_request_carried(&mut request);
+        #[cfg(feature = "metrics")]
+        if let Some(table) = &self.shared.metrics {
+            table.server(request.uri());
+        }
         let span = self.shared.make_span.make_span(&CallInfo {
             method: request.method(),
             uri: request.uri(),
             model: model.as_ref(),
             correlation_id: correlation_id.to_str().unwrap_or("-"),
         });
-        let future = span.in_scope(|| self.inner.call(request));
+        let mut context = Some(crate::observe::CallContext {
+            sink: Arc::clone(&self.shared) as Arc<dyn crate::observe::ObserveCall>,
+            correlation_id: correlation_id.clone(),
+            told: 0,
+        });
+        let inner = &mut self.inner;
+        let future = span.in_scope(|| crate::observe::lend(&mut context, || inner.call(request)));
         future::ResponseFuture::new(
             future,
             span,
             Arc::clone(&self.shared),
             correlation_id,
             model,
+            context,
         )
     }
 }

@@ -95,6 +95,10 @@ struct Call<B> {
     /// When the attempt in flight was sent.
     attempt_started: Instant,
     rng: Option<SmallRng>,
+    /// Attempts told to the log layer and the metrics so far.
+    reported: u32,
+    /// The model, once read (for reports, metrics and errors).
+    model: Option<Option<Model>>,
 }
 
 /// Which bound a call's timer reached.
@@ -167,6 +171,8 @@ where
                 deadline_at,
                 attempt_started: started,
                 rng: None,
+                reported: 0,
+                model: None,
             },
             timer: None,
         }
@@ -231,6 +237,14 @@ impl<B: ReplayableBody> Call<B> {
         policy.pay_for(decision, verdict.class)
     }
 
+    fn report_decision(&mut self, decision: &Decision, error: Option<&BoxError>) {
+        let wait = match decision {
+            Decision::Retry(delay) => Some(*delay),
+            Decision::Stop(_) => None,
+        };
+        self.report_last(wait, error);
+    }
+
     /// After a backoff: the error that ends the call when the model's
     /// breaker opened meanwhile (the last response is gone; its class lets
     /// the fallback layer outside move on).
@@ -286,11 +300,66 @@ impl<B: ReplayableBody> Call<B> {
     /// The model the call is for, for error messages: from the request's
     /// extensions, else read from an in-memory body.
     fn model(&self) -> Option<Model> {
+        if let Some(known) = &self.model {
+            return known.clone();
+        }
         if let Some(model) = self.template.extensions().get::<Model>() {
             return Some(model.clone());
         }
         let body = self.spare.as_ref().or(self.next.as_ref())?.in_memory()?;
         model::extract(&body).map(|name| Model::from_name(&name))
+    }
+
+    /// The model, read once and kept.
+    fn model_kept(&mut self) -> Option<Model> {
+        if self.model.is_none() {
+            self.model = Some(self.model());
+        }
+        self.model.clone().flatten()
+    }
+
+    /// Tells the log layer (when one listens) and the metrics (when on) of
+    /// the last attempt, once it is judged: `wait` is the backoff before
+    /// the next one, `None` when none follows.
+    fn report_last(&mut self, wait: Option<Duration>, error: Option<&BoxError>) {
+        let number = self.log.attempts;
+        if self.reported >= number {
+            return;
+        }
+        self.reported = number;
+        let Some(last) = self.records.last() else {
+            return;
+        };
+        let (class, status, request_id) = (last.class, last.status, last.request_id.clone());
+        let latency = self.attempt_started.elapsed();
+        #[cfg(feature = "metrics")]
+        if let Some(meters) = self.policy.metrics.clone() {
+            let model = self.model_kept();
+            meters.table.with(model.as_ref(), |meters| {
+                meters.attempt(class, wait.is_some());
+                if let Some(wait) = wait {
+                    meters.retry(class, wait);
+                }
+            });
+        }
+        if !crate::observe::listening() {
+            return;
+        }
+        let model = self.model_kept();
+        let max = self.policy.max_attempts;
+        crate::observe::attempt_ended(|| {
+            Some(crate::observe::ReportedAttempt {
+                model,
+                class,
+                status,
+                request_id,
+                number,
+                max,
+                latency,
+                wait,
+                error: error.map(ToString::to_string),
+            })
+        });
     }
 
     /// A success pays the shared quota back as the AWS standard mode does:
@@ -355,7 +424,9 @@ impl<B: ReplayableBody> Call<B> {
             server_verdict: None,
         };
         self.record(Class::Timeout, None, None);
-        match self.decide(verdict, None) {
+        let decision = self.decide(verdict, None);
+        self.report_decision(&decision, None);
+        match decision {
             Decision::Retry(delay) => {
                 self.schedule(delay);
                 Step::Retry(delay)
@@ -375,6 +446,7 @@ impl<B: ReplayableBody> Call<B> {
         if in_flight {
             self.record(Class::Timeout, None, None);
         }
+        self.report_last(None, None);
         let class = self
             .records
             .last()
@@ -432,6 +504,9 @@ impl<B: ReplayableBody> Call<B> {
             // "one attempt, success", and the common path allocates nothing.
             let stop = if self.records.is_empty() {
                 self.log.record(verdict.class);
+                // A first try that succeeded is the call's own outcome: the
+                // log layer outside records it (attempt and all), and this
+                // layer reads nothing for it (not even the model).
                 None
             } else {
                 self.record(
@@ -439,6 +514,7 @@ impl<B: ReplayableBody> Call<B> {
                     Some(parts.status),
                     headers::request_id(&parts.headers),
                 );
+                self.report_last(None, None);
                 Some(StopReason::Success)
             };
             return Step::Finish(Ok(self.finish_response(parts, body, stop)));
@@ -453,7 +529,9 @@ impl<B: ReplayableBody> Call<B> {
             hints.server_delay
         };
         self.record(verdict.class, Some(parts.status), hints.request_id.clone());
-        match self.decide(verdict, server_delay) {
+        let decision = self.decide(verdict, server_delay);
+        self.report_decision(&decision, None);
+        match decision {
             Decision::Retry(delay) => {
                 self.schedule(delay);
                 Step::Retry(delay)
@@ -473,7 +551,9 @@ impl<B: ReplayableBody> Call<B> {
     fn on_error<R: Body>(&mut self, error: BoxError) -> Step<R> {
         let verdict = self.policy.error_classifier.classify_error(&*error);
         self.record(verdict.class, None, None);
-        match self.decide(verdict, None) {
+        let decision = self.decide(verdict, None);
+        self.report_decision(&decision, Some(&error));
+        match decision {
             Decision::Retry(delay) => {
                 self.schedule(delay);
                 Step::Retry(delay)
@@ -509,6 +589,24 @@ impl<B: ReplayableBody> Call<B> {
         // with an error rather than leave the caller reading forever.
         let body = match self.policy.idle_timeout {
             Some(idle) => body.with_idle_timeout(idle),
+            None => body,
+        };
+        #[cfg(feature = "metrics")]
+        // Only a success whose body reports usage (JSON or a stream) is
+        // measured, and only then is the model read.
+        #[cfg(feature = "metrics")]
+        let body = match crate::metrics::BodyMeter::measured(parts.status, &parts.headers)
+            .zip(self.policy.metrics.clone())
+        {
+            Some((stream, meters)) => {
+                let model = self.model_kept();
+                body.with_meter(crate::metrics::BodyMeter::new(
+                    &meters,
+                    model.as_ref(),
+                    stream,
+                    self.started,
+                ))
+            }
             None => body,
         };
         let mut response = Response::from_parts(parts, body);

@@ -108,6 +108,9 @@ pub struct RetryPolicy {
     pub(crate) seeds: Arc<SeedSource>,
     #[cfg(feature = "health")]
     pub(crate) health: Option<crate::health::HealthMonitor>,
+    /// The per-model handles, shared by clones; `None` when switched off.
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: Option<Arc<crate::metrics::RetryMeters>>,
 }
 
 /// Seeds one RNG per call: reproducible when seeded, different for every call.
@@ -212,6 +215,8 @@ impl RetryPolicy {
             seeds: Arc::new(SeedSource::from_entropy()),
             #[cfg(feature = "health")]
             health: None,
+            #[cfg(feature = "metrics")]
+            metrics: Some(Arc::new(crate::metrics::RetryMeters::new(None))),
         }
     }
 
@@ -642,6 +647,53 @@ impl RetryPolicy {
         self.health.as_ref()
     }
 
+    /// Whether the layer records [metrics](crate::metrics) (on by default
+    /// with the feature): attempts, retries, backoff, time to the response
+    /// head and to a stream's first content event, token usage and cost.
+    /// Each call to this method starts new handles (registered with the
+    /// recorder in force at their first use).
+    ///
+    /// ```
+    /// # use tower_overload::retry::RetryPolicy;
+    /// let quiet = RetryPolicy::foreground().metrics(false);
+    /// assert!(!quiet.get_metrics());
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, on: bool) -> Self {
+        let prices = self.metrics.as_ref().and_then(|m| m.prices.clone());
+        self.metrics = on.then(|| Arc::new(crate::metrics::RetryMeters::new(prices)));
+        self
+    }
+
+    /// Whether the layer records metrics.
+    ///
+    /// ```
+    /// # use tower_overload::retry::RetryPolicy;
+    /// assert!(RetryPolicy::foreground().get_metrics());
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn get_metrics(&self) -> bool {
+        self.metrics.is_some()
+    }
+
+    /// Prices that turn each response's token usage into the
+    /// `tower_overload.cost` counter (switches metrics on).
+    ///
+    /// ```
+    /// use tower_overload::metrics::{PriceTable, Prices};
+    /// use tower_overload::retry::RetryPolicy;
+    /// let policy = RetryPolicy::foreground()
+    ///     .prices(PriceTable::new().price("claude-opus-4-6", Prices::per_million(5.0, 25.0, 0.5, 6.25)));
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn prices(mut self, prices: crate::metrics::PriceTable) -> Self {
+        self.metrics = Some(Arc::new(crate::metrics::RetryMeters::new(Some(prices))));
+        self
+    }
+
     /// The settings for `class`; `None` for a success or a client error.
     ///
     /// ```
@@ -697,6 +749,8 @@ impl fmt::Debug for RetryPolicy {
             .field("error_classifier", &self.error_classifier);
         #[cfg(feature = "health")]
         debug.field("health", &self.health);
+        #[cfg(feature = "metrics")]
+        debug.field("metrics", &self.metrics.is_some());
         debug.finish_non_exhaustive()
     }
 }

@@ -133,6 +133,44 @@ impl OverloadStack {
         self.log = self.log.stats(stats);
         self
     }
+
+    /// Switches [metrics](crate::metrics) on or off in every layer of the
+    /// stack as set so far (on by default with the feature); a layer set
+    /// afterwards keeps its own switch.
+    ///
+    /// ```
+    /// # use tower_overload::stack::OverloadStack;
+    /// let quiet = OverloadStack::new().metrics(false);
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.log = self.log.metrics(on);
+        self.fallback = self.fallback.metrics(on);
+        self.retry = self.retry.metrics(on);
+        #[cfg(feature = "pacing")]
+        {
+            self.pacing = self.pacing.metrics(on);
+        }
+        self.concurrency = self.concurrency.metrics(on);
+        self
+    }
+
+    /// Prices that turn token usage into the `tower_overload.cost` counter
+    /// (see [`RetryPolicy::prices`]).
+    ///
+    /// ```
+    /// use tower_overload::metrics::{PriceTable, Prices};
+    /// use tower_overload::stack::OverloadStack;
+    /// let stack = OverloadStack::new()
+    ///     .prices(PriceTable::new().price("claude-sonnet-4-6", Prices::per_million(3.0, 15.0, 0.3, 3.75)));
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn prices(mut self, prices: crate::metrics::PriceTable) -> Self {
+        self.retry = self.retry.prices(prices);
+        self
+    }
 }
 
 /// What the retry layer wraps: pacing over the concurrency cap with the
