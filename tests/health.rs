@@ -694,3 +694,38 @@ async fn during_a_declared_incident_the_adaptive_limit_does_not_grow_back() {
     one_call(&told, &upstream, Reply::ok()).await;
     assert_eq!(limit_of(&told), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_log_layer_writes_the_verdict_on_a_failed_call() {
+    let status = MockUpstream::start().await;
+    status.set_default(Reply::raw(200, operational()));
+    let upstream = MockUpstream::start().await;
+    upstream.push((0..20).map(|_| Reply::overloaded()));
+    let monitor = monitor(
+        &status,
+        HealthConfig::default().probe(Some(Probe::default())),
+    );
+    let service = retrying(one_attempt(&monitor));
+    calls(&service, 20, || messages_request(&upstream, OPUS)).await;
+    settle(|| monitor.last_probe(OPUS).is_some()).await;
+    // A call that fails now is logged with the verdict beside the error.
+    let (logs, _guard) = support::capture_logs();
+    upstream.push([Reply::overloaded()]);
+    let logged = ServiceBuilder::new()
+        .layer(tower_overload::request_id::RequestIdLogLayer::new())
+        .layer(OverloadRetryLayer::new(one_attempt(&monitor)))
+        .service(client());
+    let _ = logged
+        .oneshot(messages_request(&upstream, OPUS))
+        .await
+        .unwrap_err();
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|line| line.contains("llm call failed"))
+        .unwrap_or_else(|| panic!("no final line in {text}"));
+    assert!(
+        line.contains("verdict=a minimal probe to the same model succeeded at "),
+        "{line}"
+    );
+}

@@ -99,6 +99,9 @@ pub struct Outcome<'a> {
     pub exhausted: bool,
     /// The error's message, for an outcome with no response.
     pub error: Option<&'a dyn fmt::Display>,
+    /// The health verdict the failure carries (feature `health`): an
+    /// incident on the status page, local pressure, or a capacity event.
+    pub verdict: Option<&'a dyn fmt::Display>,
 }
 
 impl fmt::Debug for Outcome<'_> {
@@ -115,6 +118,7 @@ impl fmt::Debug for Outcome<'_> {
             .field("is_final", &self.is_final)
             .field("exhausted", &self.exhausted)
             .field("error", &self.error.map(ToString::to_string))
+            .field("verdict", &self.verdict.map(ToString::to_string))
             .finish()
     }
 }
@@ -278,6 +282,7 @@ impl OnOutcome for DefaultOnOutcome {
             latency_ms = %Millis(outcome.latency),
             delay_ms = %Millis(outcome.delay),
             error = %OrDash(outcome.error),
+            verdict = %OrDash(outcome.verdict),
             "{message}"
         );
     }

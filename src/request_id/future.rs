@@ -150,6 +150,7 @@ where
                     is_final: true,
                     exhausted,
                     error: Some(&*error),
+                    verdict: verdict_of_error(ours),
                 });
                 (class, model.cloned(), uncounted)
             }
@@ -210,6 +211,7 @@ fn record_response<M, O: OnOutcome, R>(
                     is_final: false,
                     exhausted: false,
                     error: None,
+                    verdict: None,
                 });
             }
         }
@@ -233,8 +235,29 @@ fn record_response<M, O: OnOutcome, R>(
         is_final: true,
         exhausted,
         error: None,
+        verdict: verdict_of_response(response),
     });
     class
+}
+
+/// The health verdict an error carries, to log beside it.
+fn verdict_of_error(error: Option<&Error>) -> Option<&dyn std::fmt::Display> {
+    #[cfg(feature = "health")]
+    if let Some(verdict) = error.and_then(Error::verdict) {
+        return Some(verdict);
+    }
+    let _ = error;
+    None
+}
+
+/// The health verdict a failed response carries (the retry layer's, with a monitor).
+fn verdict_of_response<R>(response: &Response<R>) -> Option<&dyn std::fmt::Display> {
+    #[cfg(feature = "health")]
+    if let Some(verdict) = response.extensions().get::<crate::health::Verdict>() {
+        return Some(verdict);
+    }
+    let _ = response;
+    None
 }
 
 fn served_model<R>(response: &Response<R>) -> Option<Model> {
@@ -278,6 +301,7 @@ fn attempts_of<M, O: OnOutcome, R>(
                     is_final: false,
                     exhausted: false,
                     error: None,
+                    verdict: None,
                 });
             }
             if let Some(stats) = &shared.stats {

@@ -143,6 +143,7 @@ impl<M: Send + Sync, O: OnOutcome + Send + Sync> crate::observe::ObserveCall for
             is_final: false,
             exhausted: false,
             error: attempt.error,
+            verdict: None,
         });
     }
 
