@@ -729,3 +729,49 @@ async fn the_log_layer_writes_the_verdict_on_a_failed_call() {
         "{line}"
     );
 }
+
+#[cfg(feature = "metrics")]
+#[tokio::test(start_paused = true)]
+async fn the_last_check_and_the_incidents_are_gauges() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let status = MockUpstream::start().await;
+    let incident = r#"{"id":"i","name":"Elevated errors on Claude Opus 4.6","status":"investigating","impact":"major",
+        "created_at":"2026-11-23T12:04:00.000Z","started_at":"2026-11-23T12:03:00.000Z","resolved_at":null,
+        "shortlink":"https://stspg.io/x","page_id":"p","incident_updates":[],
+        "components":[{"id":"o","name":"Claude Opus 4.6","status":"major_outage"}]}"#;
+    status.set_default(Reply::raw(
+        200,
+        page(&component("Claude Opus 4.6", "major_outage"), incident),
+    ));
+    let monitor = monitor(&status, HealthConfig::default());
+    let checked = monitor.check_now().await.checked_at;
+    let gauges: Vec<(String, Vec<String>, f64)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| match value {
+            DebugValue::Gauge(value) => Some((
+                key.key().name().to_owned(),
+                key.key()
+                    .labels()
+                    .map(|label| format!("{}={}", label.key(), label.value()))
+                    .collect(),
+                value.into_inner(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let find = |name: &str| gauges.iter().find(|(n, _, _)| n == name).cloned();
+    let (_, _, incidents) = find("tower_overload.health.incidents").expect("an incidents gauge");
+    assert_eq!(incidents, 1.0);
+    let (_, labels, at) = find("tower_overload.health.last_check").expect("a last check gauge");
+    assert_eq!(labels, ["result=ok"]);
+    let expected = checked
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((at - expected).abs() < 1.0, "{at} vs {expected}");
+}

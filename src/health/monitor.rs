@@ -465,6 +465,19 @@ impl HealthMonitor {
                 "status page unreadable"
             ),
         }
+        #[cfg(feature = "metrics")]
+        {
+            use crate::metrics::names;
+            let at = check
+                .checked_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |since| since.as_secs_f64());
+            let result = if check.result.is_ok() { "ok" } else { "error" };
+            metrics::gauge!(names::HEALTH_LAST_CHECK, "result" => result).set(at);
+            if let Ok(page) = &check.result {
+                metrics::gauge!(names::HEALTH_INCIDENTS).set(page.incidents.len() as f64);
+            }
+        }
         let mut state = lock(&self.shared.state);
         if let Ok(page) = &check.result {
             state.last_page = Some((Instant::now(), Arc::clone(page)));

@@ -39,6 +39,8 @@
 //! | `tower_overload.overload_rate` | gauge | 1 | `gen_ai.request.model` (`all` for all traffic) | 529s over outcomes in the last 60 s ([`OverloadStats`](crate::stats::OverloadStats)) |
 //! | `tower_overload.rate_limit_rate` | gauge | 1 | `gen_ai.request.model` (`all` for all traffic) | 429s over outcomes in the last 60 s ([`OverloadStats`](crate::stats::OverloadStats)) |
 //! | `tower_overload.overload_alert` | gauge | 1 | `gen_ai.request.model` (`all` for all traffic) | 1 while the 2% overload alert is raised, 0 once cleared below half of it ([`OverloadStats`](crate::stats::OverloadStats)) |
+//! | `tower_overload.health.incidents` | gauge | `{incident}` | none | incidents the status page declared at its last read (feature `health`) |
+//! | `tower_overload.health.last_check` | gauge | s | `result` (`ok`, `error`) | Unix time of the last status page read (feature `health`) |
 //!
 //! The GenAI metrics also carry `gen_ai.provider.name="anthropic"` and
 //! `gen_ai.operation.name="chat"`.
@@ -132,6 +134,10 @@ pub mod names {
     pub const RATE_LIMIT_RATE: &str = "tower_overload.rate_limit_rate";
     /// Gauge, 1 while the overload alert is raised.
     pub const OVERLOAD_ALERT: &str = "tower_overload.overload_alert";
+    /// Gauge, incidents the status page declares (feature `health`).
+    pub const HEALTH_INCIDENTS: &str = "tower_overload.health.incidents";
+    /// Gauge, Unix time of the last status page read, and whether it was readable.
+    pub const HEALTH_LAST_CHECK: &str = "tower_overload.health.last_check";
 }
 
 /// Attribute names.
@@ -260,6 +266,15 @@ fn describe() {
     describe_gauge!(
         names::OVERLOAD_ALERT,
         "1 while the overload alert is raised"
+    );
+    describe_gauge!(
+        names::HEALTH_INCIDENTS,
+        "Incidents the status page declared at its last read"
+    );
+    describe_gauge!(
+        names::HEALTH_LAST_CHECK,
+        Unit::Seconds,
+        "Unix time of the last status page read"
     );
 }
 
