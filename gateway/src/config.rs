@@ -169,7 +169,7 @@ impl std::error::Error for ConfigError {}
 ///
 /// let args = Args::try_parse_from(["tower-overload-gateway", "--upstream", "http://127.0.0.1:9"]).unwrap();
 /// let config = args.resolve().unwrap();
-/// assert_eq!(config.upstream, "http://127.0.0.1:9");
+/// assert_eq!(config.upstream.to_string(), "http://127.0.0.1:9/");
 /// ```
 #[derive(Debug, Clone, Default, Parser)]
 #[command(

@@ -1,12 +1,12 @@
-//! The official Python SDK through the gateway example, when `.ci/run` has
+//! The official Python SDK through the gateway, when `.ci/run` has
 //! installed it: `SDK_PYTHON` names a Python with the `anthropic` package.
 //! Without it, the test fails when `CI` is set, and elsewhere says it was
 //! skipped.
 
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
-#[path = "../examples/gateway.rs"]
-mod gateway;
+use tower_overload_gateway as gateway;
 
 use std::time::Duration;
 
