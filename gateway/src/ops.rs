@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tower_overload::classify::Class;
 use tower_overload::{Error, ErrorKind};
 
 use crate::names::ModelLabels;
@@ -90,7 +91,9 @@ impl Ops {
     }
 
     pub(crate) fn upstream_outcome(&self, error: &Error) {
-        if matches!(error.kind(), ErrorKind::Transport | ErrorKind::Timeout) {
+        let unreachable = matches!(error.kind(), ErrorKind::Transport | ErrorKind::Timeout)
+            || matches!(error.class(), Some(Class::Transport | Class::Timeout));
+        if unreachable {
             self.unreachable_at.store(self.now_ms(), Ordering::Relaxed);
         } else {
             self.upstream_answered();

@@ -64,6 +64,9 @@ pub async fn serve_with_shutdown(
     });
     let builder = connection_builder(&shared.config);
     let graceful = GracefulShutdown::new();
+    // Owned here so that what is left at the end of the grace period is
+    // dropped (and its upstream calls with it), not left running.
+    let mut connections = tokio::task::JoinSet::new();
     let mut signal = std::pin::pin!(signal);
     loop {
         let accepted = tokio::select! {
@@ -86,10 +89,11 @@ pub async fn serve_with_shutdown(
             .serve_connection(TokioIo::new(Refusals::new(stream)), service)
             .into_owned();
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             // A client that goes away mid-call ends its connection; nothing to report.
             let _ = connection.await;
         });
+        while connections.try_join_next().is_some() {}
     }
     drop(listener);
     shared.ops.shutting_down();
@@ -97,8 +101,12 @@ pub async fn serve_with_shutdown(
     tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down: no new connections");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("every connection finished"),
-        () = tokio::time::sleep(grace) => tracing::warn!("grace period over: dropping the calls still in flight"),
+        () = tokio::time::sleep(grace) => tracing::warn!(
+            connections = connections.len(),
+            "grace period over: dropping the calls still in flight"
+        ),
     }
+    connections.shutdown().await;
 }
 
 fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
