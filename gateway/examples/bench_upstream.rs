@@ -36,7 +36,8 @@ struct Mock {
 }
 
 const OK: &[u8] = br#"{"id":"msg_bench","type":"message","role":"assistant","model":"claude-opus-4-6","content":[{"type":"text","text":"Hello from the bench mock."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":7}}"#;
-const OVERLOADED: &[u8] = br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+const OVERLOADED: &[u8] =
+    br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
 
 fn reply(status: StatusCode, body: &'static [u8]) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(body)));
@@ -116,10 +117,14 @@ async fn main() {
     let mut storm = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value = args.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        let value = args
+            .next()
+            .unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--listen" => listen = value.parse().expect("--listen ADDR"),
-            "--latency-ms" => latency = Duration::from_millis(value.parse().expect("--latency-ms N")),
+            "--latency-ms" => {
+                latency = Duration::from_millis(value.parse().expect("--latency-ms N"))
+            }
             "--storm" => {
                 let (model, secs) = value.split_once(':').expect("--storm MODEL:SECS");
                 storm = Some(Mutex::new(Storm {
@@ -147,7 +152,9 @@ async fn main() {
                 let mock = mock.clone();
                 async move { Ok::<_, Infallible>(handle(mock, request).await) }
             });
-            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }

@@ -198,10 +198,20 @@ pub struct Args {
     #[arg(long, env = "GATEWAY_QUEUE_TIMEOUT", value_name = "SECS")]
     pub queue_timeout: Option<f64>,
     /// A model's own concurrency cap (repeatable, or comma-separated in the env).
-    #[arg(long = "limit", env = "GATEWAY_LIMITS", value_name = "MODEL=N", value_delimiter = ',')]
+    #[arg(
+        long = "limit",
+        env = "GATEWAY_LIMITS",
+        value_name = "MODEL=N",
+        value_delimiter = ','
+    )]
     pub limits: Vec<String>,
     /// A fallback chain, tried in order on overload (repeatable; `;` separates chains in the env).
-    #[arg(long = "fallback", env = "GATEWAY_FALLBACK", value_name = "A,B,..", value_delimiter = ';')]
+    #[arg(
+        long = "fallback",
+        env = "GATEWAY_FALLBACK",
+        value_name = "A,B,..",
+        value_delimiter = ';'
+    )]
     pub fallback: Vec<String>,
     /// The retry preset [default: foreground].
     #[arg(long, env = "GATEWAY_RETRY", value_enum)]
@@ -214,7 +224,12 @@ pub struct Args {
     pub stream_guard: Option<bool>,
     /// Pacing limits of a model: requests, input tokens, output tokens per minute (repeatable;
     /// `-` leaves one unset, e.g. `claude-opus-4-6=50/30000/8000`).
-    #[arg(long = "pace", env = "GATEWAY_PACE", value_name = "MODEL=RPM/ITPM/OTPM", value_delimiter = ',')]
+    #[arg(
+        long = "pace",
+        env = "GATEWAY_PACE",
+        value_name = "MODEL=RPM/ITPM/OTPM",
+        value_delimiter = ','
+    )]
     pub pacing: Vec<String>,
     /// Seconds a client may take to send its headers [default: 30].
     #[arg(long, env = "GATEWAY_HEADER_READ_TIMEOUT", value_name = "SECS")]
@@ -302,7 +317,11 @@ impl Args {
                 ))
             })?;
         }
-        set(&mut config.max_per_model, self.max_per_model, file.max_per_model);
+        set(
+            &mut config.max_per_model,
+            self.max_per_model,
+            file.max_per_model,
+        );
         set(&mut config.max_queued, self.max_queued, file.max_queued);
         if let Some(secs) = self.queue_timeout.or(file.queue_timeout) {
             config.queue_timeout = seconds("--queue-timeout / queue_timeout", secs)?;
@@ -332,7 +351,11 @@ impl Args {
         if let Some(secs) = self.deadline.or(file.deadline) {
             config.deadline = Some(seconds("--deadline / deadline", secs)?);
         }
-        set(&mut config.stream_guard, self.stream_guard, file.stream_guard);
+        set(
+            &mut config.stream_guard,
+            self.stream_guard,
+            file.stream_guard,
+        );
         config.pacing = file
             .pacing
             .into_iter()
@@ -385,8 +408,7 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigError::new(format!("--config {}: cannot read it ({e})", path.display()))
     })?;
-    toml::from_str(&text)
-        .map_err(|e| ConfigError::new(format!("--config {}: {e}", path.display())))
+    toml::from_str(&text).map_err(|e| ConfigError::new(format!("--config {}: {e}", path.display())))
 }
 
 fn seconds(name: &str, secs: f64) -> Result<Duration, ConfigError> {

@@ -20,9 +20,9 @@ use std::sync::Mutex;
 /// ```
 pub fn valid_model_name(name: &str) -> bool {
     (1..=128).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@' | b'/'))
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@' | b'/')
+        })
 }
 
 /// At most this many distinct model labels in the gateway's metrics; the

@@ -42,7 +42,10 @@ pub(crate) fn prometheus() -> Option<&'static PrometheusHandle> {
                 .build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
-            metrics::describe_counter!(REQUESTS_TOTAL, "Calls the gateway answered, by model and status.");
+            metrics::describe_counter!(
+                REQUESTS_TOTAL,
+                "Calls the gateway answered, by model and status."
+            );
             metrics::describe_histogram!(
                 REQUEST_DURATION,
                 metrics::Unit::Seconds,
@@ -105,13 +108,19 @@ impl Ops {
     }
 
     /// Counts a finished call and logs it (failures at info, the rest at debug).
-    pub(crate) fn record(&self, model: Option<&str>, response: &Response<GatewayBody>, elapsed: Duration) {
+    pub(crate) fn record(
+        &self,
+        model: Option<&str>,
+        response: &Response<GatewayBody>,
+        elapsed: Duration,
+    ) {
         metrics::gauge!(IN_FLIGHT).decrement(1.0);
         let label = self.labels.label(model);
         let status = response.status().as_u16();
         metrics::counter!(REQUESTS_TOTAL, "model" => label.clone(), "status" => status.to_string())
             .increment(1);
-        metrics::histogram!(REQUEST_DURATION, "model" => label.clone()).record(elapsed.as_secs_f64());
+        metrics::histogram!(REQUEST_DURATION, "model" => label.clone())
+            .record(elapsed.as_secs_f64());
         let request_id = response
             .headers()
             .get("request-id")
@@ -166,7 +175,11 @@ impl Ops {
             "unknown"
         };
         let ready = !unreachable && !shutting_down;
-        let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
         json(
             status,
             serde_json::json!({"ready": ready, "upstream": upstream, "shutting_down": shutting_down}),

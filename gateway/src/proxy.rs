@@ -68,7 +68,12 @@ pub(crate) fn upstream_service(config: &Config) -> Upstream {
     http.enforce_http(false);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
-        .map(|builder| builder.https_or_http().enable_all_versions().wrap_connector(http))
+        .map(|builder| {
+            builder
+                .https_or_http()
+                .enable_all_versions()
+                .wrap_connector(http)
+        })
         .expect("ring offers TLS 1.2 and 1.3");
     let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(https);
     let mut retry = match config.retry {
@@ -118,7 +123,10 @@ pub(crate) struct Shared {
 }
 
 /// One request, whatever it is.
-pub(crate) async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<GatewayBody> {
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+) -> Response<GatewayBody> {
     match request.uri().path() {
         "/healthz" => return shared.ops.healthz(),
         "/readyz" => return shared.ops.readyz(),
@@ -128,7 +136,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> R
     let start = Instant::now();
     shared.ops.call_started();
     let (response, model) = forward(shared.clone(), request).await;
-    shared.ops.record(model.as_deref(), &response, start.elapsed());
+    shared
+        .ops
+        .record(model.as_deref(), &response, start.elapsed());
     response
 }
 
@@ -145,7 +155,11 @@ async fn forward(
         Ok(path) => path,
         Err(PathRefusal::Outside) => {
             return (
-                refusal(StatusCode::NOT_FOUND, "not_found_error", "the gateway forwards /v1/* only"),
+                refusal(
+                    StatusCode::NOT_FOUND,
+                    "not_found_error",
+                    "the gateway forwards /v1/* only",
+                ),
                 None,
             );
         }
@@ -203,12 +217,20 @@ async fn forward(
         }
     };
     let model = tower_overload::model::extract(&body).map(|m| m.into_owned());
-    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     parts.uri = match format!("{}{path}{query}", shared.base).parse::<Uri>() {
         Ok(uri) => uri,
         Err(_) => {
             return (
-                refusal(StatusCode::BAD_REQUEST, "invalid_request_error", "bad request path"),
+                refusal(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "bad request path",
+                ),
                 model,
             );
         }
@@ -289,7 +311,11 @@ async fn forward(
         }
     }
     let response = Response::from_parts(head, body);
-    let response = if failed_here { final_answer(response) } else { response };
+    let response = if failed_here {
+        final_answer(response)
+    } else {
+        response
+    };
     (response, model)
 }
 
@@ -492,7 +518,12 @@ fn error_response(error: &Error) -> Response<GatewayBody> {
         ),
         ErrorKind::ServerDelayTooLong => {
             let wait = error.server_delay().map(|d| d.as_secs().max(1));
-            api_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", &message, wait)
+            api_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                &message,
+                wait,
+            )
         }
         _ => api_error(
             StatusCode::BAD_GATEWAY,
@@ -520,7 +551,9 @@ pub(crate) fn refusal(status: StatusCode, kind: &str, message: &str) -> Response
 }
 
 pub(crate) fn full(bytes: Bytes) -> GatewayBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// The API's error body: `{"type":"error","error":{"type":..,"message":..}}`.
@@ -589,7 +622,10 @@ mod tests {
     fn accept_encoding_keeps_what_both_sides_read() {
         let accepts = |value: &str| {
             let mut headers = HeaderMap::new();
-            headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(value).unwrap());
+            headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_str(value).unwrap(),
+            );
             Accepts::from_headers(&headers).upstream_value()
         };
         assert_eq!(accepts("gzip, deflate, br, zstd").unwrap(), "gzip, deflate");
@@ -597,6 +633,9 @@ mod tests {
         assert_eq!(accepts("gzip;q=0, deflate").unwrap(), "deflate");
         assert_eq!(accepts("identity").as_ref(), None);
         assert_eq!(accepts("*").unwrap(), "gzip, deflate");
-        assert_eq!(Accepts::from_headers(&HeaderMap::new()).upstream_value(), None);
+        assert_eq!(
+            Accepts::from_headers(&HeaderMap::new()).upstream_value(),
+            None
+        );
     }
 }

@@ -98,7 +98,10 @@ pub async fn serve_with_shutdown(
     drop(listener);
     shared.ops.shutting_down();
     let grace = shared.config.shutdown_grace;
-    tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down: no new connections");
+    tracing::info!(
+        grace_secs = grace.as_secs_f64(),
+        "shutting down: no new connections"
+    );
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("every connection finished"),
         () = tokio::time::sleep(grace) => tracing::warn!(
@@ -150,8 +153,14 @@ impl<T> Refusals<T> {
 
 /// hyper's refusal heads as it writes them, and what they mean.
 const REFUSALS: [(&[u8], &str); 3] = [
-    (b"HTTP/1.1 400 Bad Request\r\n", "the request could not be parsed as HTTP/1.1"),
-    (b"HTTP/1.1 414 URI Too Long\r\n", "the request URI is too long"),
+    (
+        b"HTTP/1.1 400 Bad Request\r\n",
+        "the request could not be parsed as HTTP/1.1",
+    ),
+    (
+        b"HTTP/1.1 414 URI Too Long\r\n",
+        "the request URI is too long",
+    ),
     (
         b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
         "request headers too large",
@@ -197,7 +206,11 @@ impl<T: AsyncRead> AsyncRead for Refusals<T> {
 }
 
 impl<T: AsyncWrite> AsyncWrite for Refusals<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let mut this = self.project();
         if this.pending.is_none()
             && buf.starts_with(b"HTTP/1.1 4")
@@ -227,7 +240,10 @@ impl<T: AsyncWrite> AsyncWrite for Refusals<T> {
     ) -> Poll<io::Result<usize>> {
         // Only reached if hyper thinks vectored writes are supported (they
         // are not, below): write the first non-empty slice through the check.
-        let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
         self.poll_write(cx, first)
     }
 
@@ -262,7 +278,8 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(json["error"]["type"], "invalid_request_error");
 
-        let forwarded = b"HTTP/1.1 400 Bad Request\r\nrequest-id: req_1\r\ncontent-length: 0\r\n\r\n";
+        let forwarded =
+            b"HTTP/1.1 400 Bad Request\r\nrequest-id: req_1\r\ncontent-length: 0\r\n\r\n";
         assert!(rewrite_refusal(forwarded).is_none());
         let with_body = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\n{}";
         assert!(rewrite_refusal(with_body).is_none());

@@ -279,7 +279,10 @@ fn flags_parse_and_bad_ones_say_why() {
     assert_eq!(config.pacing[0].1.input_tokens_per_minute, None);
     assert_eq!(config.pacing[0].1.output_tokens_per_minute, Some(8000));
     for (bad, says) in [
-        ("--retry sometimes", "possible values: foreground, background"),
+        (
+            "--retry sometimes",
+            "possible values: foreground, background",
+        ),
         ("--limit opus", "MODEL=N"),
         ("--limit opus=0", "at least 1"),
         ("--max-per-model", "a value is required"),
@@ -333,13 +336,20 @@ requests_per_minute = 50
     assert_eq!(config.log_format, gateway::LogFormat::Json);
     assert_eq!(config.pacing[0].1.requests_per_minute, Some(50));
 
-    std::fs::write(&path, "upstream = \"http://127.0.0.1:7\"\nmax_per_modle = 3\n").unwrap();
+    std::fs::write(
+        &path,
+        "upstream = \"http://127.0.0.1:7\"\nmax_per_modle = 3\n",
+    )
+    .unwrap();
     let error = gateway::Args::try_parse_from(["gw", "--config", file])
         .unwrap()
         .resolve()
         .unwrap_err()
         .to_string();
-    assert!(error.contains("max_per_modle") && error.contains(file), "{error}");
+    assert!(
+        error.contains("max_per_modle") && error.contains(file),
+        "{error}"
+    );
     let error = gateway::Args::try_parse_from(["gw", "--config", "/nonexistent/gw.toml"])
         .unwrap()
         .resolve()

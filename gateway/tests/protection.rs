@@ -228,7 +228,11 @@ async fn compressed_errors_are_classified_and_reach_each_client_as_it_asked() {
         }
         let response = client().request(request).await.unwrap();
         assert_eq!(response.status(), 429);
-        assert_eq!(mock.request_count(), 1, "{accept:?}: a spend limit is sent once");
+        assert_eq!(
+            mock.request_count(),
+            1,
+            "{accept:?}: a spend limit is sent once"
+        );
         let sent = mock.requests()[0].headers.get("accept-encoding").cloned();
         assert_eq!(
             sent.as_ref().map(|v| v.to_str().unwrap()),
@@ -239,10 +243,18 @@ async fn compressed_errors_are_classified_and_reach_each_client_as_it_asked() {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         if client_gets_gzip {
             assert_eq!(encoding.unwrap(), "gzip");
-            assert_eq!(body, gzip(SPEND_LIMIT.as_bytes()), "{accept:?}: byte for byte");
+            assert_eq!(
+                body,
+                gzip(SPEND_LIMIT.as_bytes()),
+                "{accept:?}: byte for byte"
+            );
         } else {
             assert!(encoding.is_none(), "{accept:?}");
-            assert_eq!(body, SPEND_LIMIT.as_bytes(), "{accept:?}: decoded for the client");
+            assert_eq!(
+                body,
+                SPEND_LIMIT.as_bytes(),
+                "{accept:?}: decoded for the client"
+            );
         }
     }
 }
@@ -269,7 +281,13 @@ async fn model_names_are_checked_before_logs_and_metrics() {
         .await
         .unwrap();
     let text = String::from_utf8(
-        metrics.into_body().collect().await.unwrap().to_bytes().to_vec(),
+        metrics
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
     )
     .unwrap();
     assert!(text.contains("model=\"invalid\""), "{text}");
@@ -313,7 +331,10 @@ async fn the_defaults_do_not_throttle_a_healthy_upstream() {
     let calls = (0..256).map(|_| {
         let client = client.clone();
         async move {
-            let response = client.request(call(gateway, "claude-opus-4-6")).await.unwrap();
+            let response = client
+                .request(call(gateway, "claude-opus-4-6"))
+                .await
+                .unwrap();
             assert_eq!(response.status(), 200);
             response.into_body().collect().await.unwrap();
             start.elapsed()
@@ -353,17 +374,27 @@ async fn health_readiness_and_metrics() {
     assert_eq!(get(gateway, "/healthz").await.0, 200);
     let (status, body) = get(gateway, "/readyz").await;
     assert_eq!(status, 200, "{body}");
-    let response = client().request(call(gateway, "claude-opus-4-6")).await.unwrap();
+    let response = client()
+        .request(call(gateway, "claude-opus-4-6"))
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let (status, body) = get(gateway, "/readyz").await;
-    assert_eq!((status, body.contains("\"upstream\":\"ok\"")), (200, true), "{body}");
+    assert_eq!(
+        (status, body.contains("\"upstream\":\"ok\"")),
+        (200, true),
+        "{body}"
+    );
     let (status, text) = get(gateway, "/metrics").await;
     assert_eq!(status, 200);
     assert!(
         text.contains("gateway_requests_total{model=\"claude-opus-4-6\",status=\"200\"}"),
         "{text}"
     );
-    assert!(text.contains("gateway_request_duration_seconds_bucket"), "{text}");
+    assert!(
+        text.contains("gateway_request_duration_seconds_bucket"),
+        "{text}"
+    );
 
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let nowhere = closed.local_addr().unwrap();
@@ -386,7 +417,10 @@ async fn health_readiness_and_metrics() {
 /// what is left is dropped and `serve_with_shutdown` returns.
 #[tokio::test(start_paused = true)]
 async fn shutdown_lets_streams_finish_within_the_grace_period() {
-    for (grace, stream_whole) in [(Duration::from_secs(30), true), (Duration::from_secs(5), false)] {
+    for (grace, stream_whole) in [
+        (Duration::from_secs(30), true),
+        (Duration::from_secs(5), false),
+    ] {
         let mock = MockUpstream::start().await;
         mock.push([Reply::sse_message().chunk_interval(Duration::from_secs(3))]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -428,4 +462,3 @@ async fn shutdown_lets_streams_finish_within_the_grace_period() {
         }
     }
 }
-

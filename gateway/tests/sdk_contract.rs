@@ -69,7 +69,9 @@ impl Sdk {
                 .then(|| modules.into())
         });
         let Some(modules) = modules else {
-            return missing("the @anthropic-ai/sdk npm package is not installed (SDK_NODE_MODULES)");
+            return missing(
+                "the @anthropic-ai/sdk npm package is not installed (SDK_NODE_MODULES)",
+            );
         };
         let node_runs = std::process::Command::new("node")
             .arg("--version")
@@ -150,7 +152,10 @@ fn full_stream() -> Reply {
         ("ping", r#"{"type":"ping"}"#),
         ("content_block_delta", &hello),
         ("content_block_delta", &world),
-        ("content_block_stop", r#"{"type":"content_block_stop","index":0}"#),
+        (
+            "content_block_stop",
+            r#"{"type":"content_block_stop","index":0}"#,
+        ),
         (
             "message_delta",
             r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":2}}"#,
@@ -164,7 +169,10 @@ fn full_stream() -> Reply {
 /// Two 529s then a success: the gateway absorbs them, the SDK sees one 200.
 async fn a_529_storm_is_absorbed(sdk: Sdk) {
     let mock = MockUpstream::start().await;
-    mock.push_for_model(OPUS, [Reply::overloaded(), Reply::overloaded(), Reply::ok()]);
+    mock.push_for_model(
+        OPUS,
+        [Reply::overloaded(), Reply::overloaded(), Reply::ok()],
+    );
     let gateway = start_gateway(&mock, |_| {}).await;
     let result = sdk.run(gateway, "storm").await;
     assert_eq!(result["ok"], true, "{result}");
