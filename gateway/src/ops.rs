@@ -57,6 +57,23 @@ pub(crate) fn prometheus() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
+/// One call in the gateway, counted in [`IN_FLIGHT`] until dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight(());
+
+impl InFlight {
+    pub(crate) fn new() -> Self {
+        metrics::gauge!(IN_FLIGHT).increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(IN_FLIGHT).decrement(1.0);
+    }
+}
+
 /// The gateway's own state for health and metrics.
 #[derive(Debug)]
 pub(crate) struct Ops {
@@ -103,10 +120,6 @@ impl Ops {
         }
     }
 
-    pub(crate) fn call_started(&self) {
-        metrics::gauge!(IN_FLIGHT).increment(1.0);
-    }
-
     /// Counts a finished call and logs it (failures at info, the rest at debug).
     pub(crate) fn record(
         &self,
@@ -114,7 +127,6 @@ impl Ops {
         response: &Response<GatewayBody>,
         elapsed: Duration,
     ) {
-        metrics::gauge!(IN_FLIGHT).decrement(1.0);
         let label = self.labels.label(model);
         let status = response.status().as_u16();
         metrics::counter!(REQUESTS_TOTAL, "model" => label.clone(), "status" => status.to_string())

@@ -134,7 +134,8 @@ pub(crate) async fn handle(
         _ => {}
     }
     let start = Instant::now();
-    shared.ops.call_started();
+    // Dropped with the call, also when the client leaves before the answer.
+    let _in_flight = crate::ops::InFlight::new();
     let (response, model) = forward(shared.clone(), request).await;
     shared
         .ops
