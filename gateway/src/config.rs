@@ -185,7 +185,7 @@ pub struct Args {
     /// Address to listen on [default: 127.0.0.1:8787].
     #[arg(long, env = "GATEWAY_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
-    /// The API to forward to [default: https://api.anthropic.com].
+    /// The API to forward to [default: `https://api.anthropic.com`].
     #[arg(long, env = "GATEWAY_UPSTREAM", value_name = "URL")]
     pub upstream: Option<String>,
     /// Calls in flight per model before queueing; adaptive, shrinks on overload [default: 1024].
