@@ -111,10 +111,10 @@ impl Default for Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RetryPreset {
-    /// A person is waiting: a short loop ([`tower_overload::retry::RetryPolicy::foreground`]).
+    /// A person is waiting: up to 5 attempts on overload, within minutes (`RetryPolicy::foreground`).
     #[default]
     Foreground,
-    /// A batch job: a long, patient loop ([`tower_overload::retry::RetryPolicy::background`]).
+    /// A batch job: rides out storms of many minutes (`RetryPolicy::background`).
     Background,
 }
 
@@ -176,6 +176,7 @@ impl std::error::Error for ConfigError {}
     name = "tower-overload-gateway",
     version,
     about = "Forwards /v1/* to the Anthropic API through overload retries, per-model concurrency and model fallback.",
+    long_about = None,
     after_help = "Point an SDK at it: ANTHROPIC_BASE_URL=http://127.0.0.1:8787"
 )]
 pub struct Args {
