@@ -462,3 +462,45 @@ async fn shutdown_lets_streams_finish_within_the_grace_period() {
         }
     }
 }
+
+/// Calls one after another reuse one upstream connection (a TLS handshake
+/// per call would cost the API's users tens of milliseconds).
+#[tokio::test(start_paused = true)]
+async fn upstream_connections_are_reused() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_request| async {
+                    let body = Full::new(Bytes::from_static(br#"{"type":"message"}"#));
+                    Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let gateway = start(gateway::Config {
+        upstream: format!("http://{upstream}").parse().unwrap(),
+        ..gateway::Config::default()
+    })
+    .await;
+    for _ in 0..5 {
+        // A new client each time: five connections to the gateway, one upstream.
+        let response = client()
+            .request(call(gateway, "claude-opus-4-6"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
