@@ -48,8 +48,8 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     HeaderName::from_static("keep-alive"),
 ];
 
-/// Headers a request may carry at most (hyper itself is set above this, so
-/// the gateway answers in the API's shape rather than hyper's empty 431).
+/// Headers a request may carry at most: hyper's own limit on HTTP/1.1
+/// (its refusal is rewritten in the API's shape); checked here for HTTP/2.
 pub(crate) const MAX_HEADERS: usize = 100;
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

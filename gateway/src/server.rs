@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::ops::Ops;
-use crate::proxy::{self, MAX_HEADERS, Shared};
+use crate::proxy::{self, Shared};
 
 /// Serves the gateway on `listener` until the future is dropped.
 ///
@@ -118,9 +118,10 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
-        // Above the gateway's own limits, so that it answers in the API's
-        // shape; hyper's empty refusals past these are rewritten below.
-        .max_headers(MAX_HEADERS * 4)
+        // Above the gateway's own byte limit, so that it answers in the
+        // API's shape; hyper's empty refusals past this (and past its 100
+        // headers: a larger count costs every request a heap array) are
+        // rewritten below.
         .max_buf_size((config.max_header_bytes * 4).max(400 * 1024));
     builder
         .http2()

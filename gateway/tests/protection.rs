@@ -147,6 +147,16 @@ async fn hypers_own_refusals_carry_the_api_error_shape() {
     assert_eq!(status, 431, "{answer}");
     assert_eq!(json["error"]["type"], "invalid_request_error", "{answer}");
 
+    let mut many = b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n".to_vec();
+    for i in 0..150 {
+        many.extend_from_slice(format!("x-h{i}: 1\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    let answer = raw_exchange(gateway, &many, Duration::from_secs(5)).await;
+    let (status, json) = parse_answer(&answer);
+    assert_eq!(status, 431, "{answer}");
+    assert_eq!(json["error"]["type"], "invalid_request_error", "{answer}");
+
     let answer = raw_exchange(
         gateway,
         b"POST /v1/messages HTTP/1.1\r\nbad header\r\n\r\n",
