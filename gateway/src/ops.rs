@@ -202,7 +202,9 @@ impl Ops {
 
     /// Ready for traffic: not shutting down, and the upstream was not
     /// found unreachable more recently than it last answered (within 10 s).
-    pub(crate) fn readyz(&self) -> Response<GatewayBody> {
+    /// Also names the models of the fallback chains that are resting after
+    /// overloads (their calls go to the next model: still ready).
+    pub(crate) fn readyz(&self, cooling_down: &[&str]) -> Response<GatewayBody> {
         let now = self.now_ms();
         let unreachable_at = self.unreachable_at.load(Ordering::Relaxed);
         let answered_at = self.answered_at.load(Ordering::Relaxed);
@@ -224,7 +226,12 @@ impl Ops {
         };
         json(
             status,
-            serde_json::json!({"ready": ready, "upstream": upstream, "shutting_down": shutting_down}),
+            serde_json::json!({
+                "ready": ready,
+                "upstream": upstream,
+                "shutting_down": shutting_down,
+                "cooling_down": cooling_down,
+            }),
         )
     }
 

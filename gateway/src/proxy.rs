@@ -129,7 +129,18 @@ pub(crate) async fn handle(
 ) -> Response<GatewayBody> {
     match request.uri().path() {
         "/healthz" => return shared.ops.healthz(),
-        "/readyz" => return shared.ops.readyz(),
+        "/readyz" => {
+            let fallback = shared.upstream.get_ref();
+            let resting: Vec<&str> = shared
+                .config
+                .fallback
+                .iter()
+                .flatten()
+                .map(String::as_str)
+                .filter(|model| fallback.is_cooling_down(model))
+                .collect();
+            return shared.ops.readyz(&resting);
+        }
         "/metrics" => return shared.ops.metrics(),
         _ => {}
     }

@@ -425,6 +425,39 @@ async fn health_readiness_and_metrics() {
     assert_eq!(get(gateway, "/healthz").await.0, 200, "alive all the same");
 }
 
+/// `/readyz` names a primary that rests after a storm (its calls go to the
+/// fallback: still ready).
+#[tokio::test(start_paused = true)]
+async fn readiness_names_a_resting_primary() {
+    let mock = MockUpstream::start().await;
+    mock.storm(
+        "claude-opus-4-6",
+        Duration::from_secs(60),
+        Reply::overloaded(),
+    );
+    let gateway = start(gateway::Config {
+        fallback: vec![vec!["claude-opus-4-6".into(), "claude-sonnet-4-6".into()]],
+        ..config_for(&mock)
+    })
+    .await;
+    let (_, body) = get(gateway, "/readyz").await;
+    assert!(body.contains("\"cooling_down\":[]"), "{body}");
+    for _ in 0..8 {
+        let response = client()
+            .request(call(gateway, "claude-opus-4-6"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-served-by-model"], "claude-sonnet-4-6");
+    }
+    let (status, body) = get(gateway, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"cooling_down\":[\"claude-opus-4-6\"]"),
+        "{body}"
+    );
+}
+
 /// On the signal: no new connections, /readyz would say so, and a stream in
 /// flight finishes whole within the grace period; past the grace period
 /// what is left is dropped and `serve_with_shutdown` returns.
