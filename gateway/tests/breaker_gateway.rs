@@ -1,17 +1,17 @@
-//! An outsider's pass at the gateway example with its shipped defaults
+//! An outsider's pass at the gateway with its shipped defaults
 //! (`Config::default()`, the foreground preset), driven by the official
 //! Python SDK at its own default retries over real loopback HTTP.
 //!
 //! These run in real time (the SDK is another process): each test stays
 //! under about 20 s but the two storm tests, which take 30 to 40 s and run
 //! in parallel with the rest. The SDK is found as in
-//! `tests/sdk.rs`: `SDK_PYTHON`, else `target/sdk-venv/bin/python` of this
+//! `tests/sdk.rs`: `SDK_PYTHON`, else `target/sdk-venv/bin/python` of the workspace
 //! checkout (where `.ci/run` installs it); with neither, a test says it was skipped, and fails when `CI` is set.
 
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
-#[path = "../examples/gateway.rs"]
-mod gateway;
+use tower_overload_gateway as gateway;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -30,7 +30,7 @@ fn sdk_python() -> Option<OsString> {
         return Some(python);
     }
     let fallback =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/sdk-venv/bin/python");
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sdk-venv/bin/python");
     if fallback.exists() {
         return Some(fallback.into());
     }
@@ -234,7 +234,7 @@ async fn storm(
     let storm_end = tokio::time::Instant::now() + Duration::from_secs(storm_secs);
     let gateway = start_gateway(&mock, |config| {
         if fallback {
-            config.fallback = vec![OPUS.into(), SONNET.into()];
+            config.fallback = vec![vec![OPUS.into(), SONNET.into()]];
         }
     })
     .await;
@@ -605,7 +605,7 @@ async fn duplicate_model_keys_are_routed_as_the_api_reads_them() {
     let mock = MockUpstream::start().await;
     mock.storm(OPUS, Duration::from_secs(60), Reply::overloaded());
     let gateway = start_gateway(&mock, |config| {
-        config.fallback = vec![OPUS.into(), SONNET.into()];
+        config.fallback = vec![vec![OPUS.into(), SONNET.into()]];
     })
     .await;
     let script = r#"
@@ -633,7 +633,7 @@ async fn odd_model_names_pass_through_and_end() {
     let Some(python) = sdk_python() else { return };
     let mock = MockUpstream::start().await;
     let gateway = start_gateway(&mock, |config| {
-        config.fallback = vec![OPUS.into(), SONNET.into()];
+        config.fallback = vec![vec![OPUS.into(), SONNET.into()]];
     })
     .await;
     let script = r#"

@@ -1,12 +1,13 @@
-//! The official Python SDK through the gateway example, when `.ci/run` has
-//! installed it: `SDK_PYTHON` names a Python with the `anthropic` package.
+//! The official Python SDK through the gateway, when `.ci/run` has
+//! installed it: `SDK_PYTHON` names a Python with the `anthropic` package
+//! (else `target/sdk-venv` of the workspace).
 //! Without it, the test fails when `CI` is set, and elsewhere says it was
 //! skipped.
 
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
-#[path = "../examples/gateway.rs"]
-mod gateway;
+use tower_overload_gateway as gateway;
 
 use std::time::Duration;
 
@@ -29,7 +30,10 @@ fn full_stream() -> Reply {
 
 #[tokio::test]
 async fn the_official_python_sdk_through_the_gateway() {
-    let Some(python) = std::env::var_os("SDK_PYTHON") else {
+    let venv =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sdk-venv/bin/python");
+    let python = std::env::var_os("SDK_PYTHON").or_else(|| venv.exists().then(|| venv.into()));
+    let Some(python) = python else {
         // In CI a missing SDK is a failure, never a silent pass.
         assert!(
             std::env::var_os("CI").is_none(),

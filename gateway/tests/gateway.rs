@@ -1,9 +1,9 @@
 //! The gateway example between a plain hyper client and the loopback mock.
 
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
-#[path = "../examples/gateway.rs"]
-mod gateway;
+use tower_overload_gateway as gateway;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -114,10 +114,12 @@ async fn streams_pass_through_chunk_by_chunk() {
     let mut body = response.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert!(first.starts_with(b"event: message_start"));
+    // The stream guard (on by default) holds message_start until the first
+    // event with content, 3 s later, then hands both on at once.
     assert_eq!(
         start.elapsed(),
-        Duration::from_secs(3),
-        "the first event arrives on its own"
+        Duration::from_secs(6),
+        "the first events arrive with the first content, not at the end"
     );
     let rest = body.collect().await.unwrap().to_bytes();
     assert!(
@@ -152,9 +154,11 @@ async fn a_second_stream_on_a_reused_connection_is_not_held_back() {
                 arrivals.push(start.elapsed().as_secs());
             }
         }
+        // message_start waits for the first content event (the stream
+        // guard), then one event every 3 s.
         assert_eq!(
             arrivals,
-            [3, 6, 9, 12],
+            [6, 6, 9, 12],
             "round {round}: one event every 3 s"
         );
     }
@@ -168,7 +172,7 @@ async fn a_fallback_names_the_model_that_served() {
         std::iter::repeat_n(Reply::overloaded(), 5),
     );
     let config = gateway::Config {
-        fallback: vec!["claude-opus-4-6".into(), "claude-haiku-4-5".into()],
+        fallback: vec![vec!["claude-opus-4-6".into(), "claude-haiku-4-5".into()]],
         ..config_for(&mock)
     };
     let gateway = start(config).await;
@@ -196,6 +200,11 @@ async fn its_own_failures_answer_in_the_api_error_shape() {
     let response = client().request(call(gateway, "m")).await.unwrap();
     assert_eq!(response.status().as_u16(), 529);
     assert_eq!(response.headers()["retry-after"], "5");
+    assert_eq!(
+        response.headers()["x-should-retry"],
+        "false",
+        "the SDK must not retry a refusal of the queue at once"
+    );
     assert_eq!(json(response).await["error"]["type"], "overloaded_error");
     assert_eq!(mock.request_count(), 1);
 
@@ -253,20 +262,100 @@ async fn its_own_failures_answer_in_the_api_error_shape() {
 
 #[test]
 fn flags_parse_and_bad_ones_say_why() {
-    let args = "--listen 127.0.0.1:9000 --upstream http://127.0.0.1:1 --max-per-model 8 --limit claude-opus-4-6=2 --fallback a,b --retry background --deadline 30";
-    let config = gateway::Config::from_args(args.split(' ').map(str::to_owned)).unwrap();
+    use clap::Parser;
+    let parse = |args: &str| {
+        gateway::Args::try_parse_from(std::iter::once("gw").chain(args.split(' ')))
+            .map_err(|e| e.to_string())
+            .and_then(|args| args.resolve().map_err(|e| e.to_string()))
+    };
+    let config = parse("--listen 127.0.0.1:9000 --upstream http://127.0.0.1:1 --max-per-model 8 --limit claude-opus-4-6=2 --fallback a,b --fallback c,d --retry background --deadline 30 --stream-guard false --pace claude-opus-4-6=50/-/8000").unwrap();
     assert_eq!(config.listen.port(), 9000);
+    assert_eq!(config.max_per_model, 8);
     assert_eq!(config.limits, [("claude-opus-4-6".to_owned(), 2)]);
-    assert_eq!(config.fallback, ["a", "b"]);
-    assert!(config.background);
+    assert_eq!(config.fallback, [["a", "b"], ["c", "d"]]);
+    assert_eq!(config.retry, gateway::RetryPreset::Background);
     assert_eq!(config.deadline, Some(Duration::from_secs(30)));
+    assert!(!config.stream_guard);
+    assert_eq!(config.pacing[0].1.requests_per_minute, Some(50));
+    assert_eq!(config.pacing[0].1.input_tokens_per_minute, None);
+    assert_eq!(config.pacing[0].1.output_tokens_per_minute, Some(8000));
     for (bad, says) in [
-        ("--retry sometimes", "foreground or background"),
+        (
+            "--retry sometimes",
+            "possible values: foreground, background",
+        ),
         ("--limit opus", "MODEL=N"),
-        ("--max-per-model", "needs a value"),
-        ("--colour", "unknown flag"),
+        ("--limit opus=0", "at least 1"),
+        ("--max-per-model", "a value is required"),
+        ("--colour", "unexpected argument"),
+        ("--upstream ftp://x", "http:// or https://"),
+        ("--upstream https://api.anthropic.com/v1", "origin only"),
+        ("--fallback claude-opus-4-6", "at least two models"),
+        ("--deadline 0", "seconds"),
+        ("--listen localhost", "127.0.0.1:8787"),
+        ("--pace m=1/2/3/4", "MODEL=RPM/ITPM/OTPM"),
+        ("--max-header-bytes 10", "1024..=1048576"),
     ] {
-        let error = gateway::Config::from_args(bad.split(' ').map(str::to_owned)).unwrap_err();
+        let error = parse(bad).unwrap_err();
         assert!(error.contains(says), "{bad}: {error}");
     }
+}
+
+/// The file gives what the flags do not; a flag wins over the file; an
+/// unknown key is named.
+#[test]
+fn a_toml_file_fills_in_and_flags_win() {
+    use clap::Parser;
+    let dir = std::env::temp_dir().join(format!("gw-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        r#"
+upstream = "http://127.0.0.1:7"
+max_per_model = 64
+fallback = [["claude-opus-4-6", "claude-sonnet-4-6"]]
+stream_guard = false
+log_format = "json"
+[limits]
+"claude-opus-4-6" = 4
+[pacing.claude-opus-4-6]
+requests_per_minute = 50
+"#,
+    )
+    .unwrap();
+    let file = path.to_str().unwrap();
+    let config = gateway::Args::try_parse_from(["gw", "--config", file, "--max-per-model", "32"])
+        .unwrap()
+        .resolve()
+        .unwrap();
+    assert_eq!(config.upstream.to_string(), "http://127.0.0.1:7/");
+    assert_eq!(config.max_per_model, 32, "the flag wins");
+    assert_eq!(config.limits, [("claude-opus-4-6".to_owned(), 4)]);
+    assert_eq!(config.fallback, [["claude-opus-4-6", "claude-sonnet-4-6"]]);
+    assert!(!config.stream_guard);
+    assert_eq!(config.log_format, gateway::LogFormat::Json);
+    assert_eq!(config.pacing[0].1.requests_per_minute, Some(50));
+
+    std::fs::write(
+        &path,
+        "upstream = \"http://127.0.0.1:7\"\nmax_per_modle = 3\n",
+    )
+    .unwrap();
+    let error = gateway::Args::try_parse_from(["gw", "--config", file])
+        .unwrap()
+        .resolve()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("max_per_modle") && error.contains(file),
+        "{error}"
+    );
+    let error = gateway::Args::try_parse_from(["gw", "--config", "/nonexistent/gw.toml"])
+        .unwrap()
+        .resolve()
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("cannot read"), "{error}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
