@@ -8,14 +8,12 @@
 //! ```
 //!
 //! It builds `fleet_worker` (same profile) and starts `redis-server` (or
-//! `$REDIS_SERVER`) on a free port itself.
+//! `$REDIS_SERVER`) on a free port itself, as the tests do.
 
 use std::convert::Infallible;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::Response;
@@ -24,26 +22,13 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
+// The tests' redis-server starter: a free port, a PING until it answers.
+#[path = "../tests/support/redis.rs"]
+mod redis_server;
+
 const WORKERS: usize = 4;
 const CALLS_PER_WORKER: usize = 3000;
 const ROUNDS: usize = 3;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
-}
-
-fn answers_ping(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let mut answer = [0u8; 7];
-    stream.write_all(b"PING\r\n").is_ok()
-        && stream.read_exact(&mut answer).is_ok()
-        && &answer == b"+PONG\r\n"
-}
 
 /// A fast upstream: 200 with a small message, at once.
 async fn upstream() -> u16 {
@@ -142,30 +127,10 @@ fn median(mut values: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let binary = worker_binary();
-    let redis_port = free_port();
-    let server = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
-    let mut redis = Command::new(&server)
-        .args([
-            "--port",
-            &redis_port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|error| panic!("{server}: {error}"));
-    let started = Instant::now();
-    while !answers_ping(redis_port) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "redis-server answers"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let Some(redis) = redis_server::RedisServer::start_or_skip() else {
+        return;
+    };
+    let redis_port = redis.port();
     let upstream_port = upstream().await;
     let (mut fleet, mut local, mut trips) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
@@ -179,8 +144,7 @@ async fn main() {
             tokio::task::block_in_place(|| round(&binary, redis_port, upstream_port, true));
         local.push(local_rate);
     }
-    let _ = redis.kill();
-    let _ = redis.wait();
+    drop(redis);
     let (fleet, local) = (median(fleet), median(local));
     println!("{WORKERS} workers x {CALLS_PER_WORKER} calls, median of {ROUNDS} alternating rounds");
     println!("local state (anchor)    {local:>9.0} calls/s");

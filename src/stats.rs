@@ -119,20 +119,7 @@ fn fraction(part: u64, total: u64) -> f64 {
     }
 }
 
-const CLASSES: usize = 8;
-
-fn class_index(class: Class) -> usize {
-    match class {
-        Class::Success => 0,
-        Class::Overloaded => 1,
-        Class::RateLimited => 2,
-        Class::ServerError => 3,
-        Class::Timeout => 4,
-        Class::Conflict => 5,
-        Class::Client(_) => 6,
-        Class::Transport => 7,
-    }
-}
+const CLASSES: usize = Class::COUNT;
 
 /// A count tagged with the second it counts: the tag in the high bits, the
 /// count in the low ones. A count of an older second reads as zero and is
@@ -182,7 +169,7 @@ impl Window {
     fn record(&self, second: u64, class: Class) {
         let slot = &self.slots[(second % SLOTS as u64) as usize];
         let tag = tag_of(second);
-        Self::bump(&slot[class_index(class)], tag);
+        Self::bump(&slot[class.index()], tag);
         Self::bump(&slot[TOTAL], tag);
     }
 
@@ -399,12 +386,12 @@ impl OverloadStats {
     fn record_in(&self, signal: &Signal, model: Option<&Model>, second: u64, class: Class) {
         signal.window.record(second, class);
         let total = signal.window.sum(second, TOTAL);
-        let overloaded = signal.window.sum(second, class_index(Class::Overloaded));
+        let overloaded = signal.window.sum(second, Class::Overloaded.index());
         let rate = fraction(overloaded, total);
         #[cfg(feature = "metrics")]
         {
             signal.meters.overload_rate.set(rate);
-            let limited = signal.window.sum(second, class_index(Class::RateLimited));
+            let limited = signal.window.sum(second, Class::RateLimited.index());
             signal.meters.rate_limit_rate.set(fraction(limited, total));
         }
         let alerting = signal.alerting.load(Ordering::Relaxed);

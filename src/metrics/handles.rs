@@ -68,7 +68,7 @@ impl AttemptMeters {
 
     /// An attempt ended with `class`; `retried` when a retry follows.
     pub(crate) fn attempt(&self, class: Class, retried: bool) {
-        let (class, outcome) = (class_index(class), usize::from(!retried));
+        let (class, outcome) = (class.index(), usize::from(!retried));
         self.attempts[class][outcome]
             .get_or_init(|| {
                 let mut labels = self.class_labels(class);
@@ -80,7 +80,7 @@ impl AttemptMeters {
 
     /// A retry after a failure of `class`, in `wait`.
     pub(crate) fn retry(&self, class: Class, wait: std::time::Duration) {
-        let class = class_index(class);
+        let class = class.index();
         self.retries[class]
             .get_or_init(|| ::metrics::counter!(names::RETRIES, self.class_labels(class)))
             .increment(1);
@@ -266,7 +266,7 @@ impl CallMeters {
     }
 
     fn call(&self, class: Class, duration: std::time::Duration, count_attempt: bool) {
-        let index = class_index(class);
+        let index = class.index();
         let seconds = duration.as_secs_f64();
         self.duration[index]
             .get_or_init(|| {

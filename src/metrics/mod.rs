@@ -183,21 +183,9 @@ fn genai_labels(model: &str) -> Vec<Label> {
     ]
 }
 
-/// Index of a class in the per-class handle arrays.
-pub(crate) fn class_index(class: Class) -> usize {
-    match class {
-        Class::Success => 0,
-        Class::Overloaded => 1,
-        Class::RateLimited => 2,
-        Class::ServerError => 3,
-        Class::Timeout => 4,
-        Class::Conflict => 5,
-        Class::Client(_) => 6,
-        Class::Transport => 7,
-    }
-}
-
-const CLASSES: [&str; 8] = [
+/// The `class` label of each [`Class::index`] (every client error is `client`:
+/// a bounded label set).
+const CLASSES: [&str; Class::COUNT] = [
     "success",
     "overloaded",
     "rate_limited",
@@ -278,6 +266,20 @@ fn describe() {
     );
 }
 
+/// A table entry for a client's model name: its handles under the cleaned
+/// name, or `None` when the name cannot be a label (counted as [`OTHER`]).
+fn entry<V>(make: fn(&str) -> V, name: &str) -> Option<(Model, V)> {
+    let clean = clean_label(name)?;
+    describe();
+    Some((Model::new(clean), make(clean)))
+}
+
+/// The handles every name the table cannot hold shares.
+fn other<V>(make: fn(&str) -> V) -> V {
+    describe();
+    make(OTHER)
+}
+
 /// A bounded table keyed by model name, each entry's labels made from it.
 pub(crate) struct ModelTable<V> {
     table: Table<Model, V>,
@@ -302,19 +304,8 @@ impl<V> ModelTable<V> {
     pub(crate) fn with<T>(&self, model: Option<&Model>, use_it: impl FnOnce(&V) -> T) -> T {
         let make = self.make;
         let name = model.map_or(OTHER, Model::as_str);
-        self.table.with(
-            name,
-            |name| {
-                let clean = clean_label(name)?;
-                describe();
-                Some((Model::new(clean), make(clean)))
-            },
-            || {
-                describe();
-                make(OTHER)
-            },
-            use_it,
-        )
+        self.table
+            .with(name, |name| entry(make, name), || other(make), use_it)
     }
 }
 
@@ -324,18 +315,8 @@ impl<V> ModelTable<V> {
     pub(crate) fn arc(&self, model: Option<&Model>) -> Arc<V> {
         let make = self.make;
         let name = model.map_or(OTHER, Model::as_str);
-        self.table.arc(
-            name,
-            |name| {
-                let clean = clean_label(name)?;
-                describe();
-                Some((Model::new(clean), make(clean)))
-            },
-            || {
-                describe();
-                make(OTHER)
-            },
-        )
+        self.table
+            .arc(name, |name| entry(make, name), || other(make))
     }
 }
 

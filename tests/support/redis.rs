@@ -74,6 +74,11 @@ impl RedisServer {
         Err("it did not answer PING within 10 s".to_owned())
     }
 
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The URL of the server.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
