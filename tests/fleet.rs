@@ -515,3 +515,112 @@ mod pacing {
         );
     }
 }
+
+/// A store whose acquire answers late: the slot is taken in Redis at once,
+/// the answer arrives after `delay`.
+#[derive(Debug)]
+struct LateAnswers {
+    inner: RedisStore,
+    delay: Duration,
+}
+
+impl tower_overload::fleet::SharedStore for LateAnswers {
+    fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+        cap: u32,
+        lease: Duration,
+        holder: &'a str,
+    ) -> tower_overload::fleet::StoreFuture<'a, tower_overload::fleet::Acquired> {
+        Box::pin(async move {
+            let answer = self.inner.acquire(key, cap, lease, holder).await;
+            tokio::time::sleep(self.delay).await;
+            answer
+        })
+    }
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        holders: &'a [String],
+        lease: Duration,
+    ) -> tower_overload::fleet::StoreFuture<'a, u32> {
+        self.inner.renew(key, holders, lease)
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        holders: &'a [String],
+    ) -> tower_overload::fleet::StoreFuture<'a, ()> {
+        self.inner.release(key, holders)
+    }
+    fn add_tokens<'a>(
+        &'a self,
+        key: &'a str,
+        capacity: u32,
+        delta: i64,
+    ) -> tower_overload::fleet::StoreFuture<'a, u32> {
+        self.inner.add_tokens(key, capacity, delta)
+    }
+    fn sync_breaker<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        event: Option<tower_overload::fleet::BreakerEvent>,
+        probe_ttl: Duration,
+    ) -> tower_overload::fleet::StoreFuture<'a, tower_overload::fleet::BreakerState> {
+        self.inner.sync_breaker(key, holder, event, probe_ttl)
+    }
+    fn sync_buckets<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        sync: &'a tower_overload::fleet::BucketsSync,
+    ) -> tower_overload::fleet::StoreFuture<'a, tower_overload::fleet::BucketsView> {
+        self.inner.sync_buckets(key, holder, sync)
+    }
+    fn ping(&self) -> tower_overload::fleet::StoreFuture<'_, ()> {
+        self.inner.ping()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cancelled_while_the_store_answers_leaks_no_slot() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let late = Fleet::new(
+        LateAnswers {
+            inner: RedisStore::open(&redis.url()).unwrap(),
+            delay: Duration::from_millis(300),
+        },
+        FleetConfig::default().op_timeout(Duration::from_secs(2)),
+    );
+    let service = ConcurrencyPerModelLayer::new(1)
+        .fleet(late.clone())
+        .layer(client());
+    // Cancelled after the store took the slot, before its answer came.
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(100),
+        service.oneshot(messages_request(&mock, MODEL)),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the call was cancelled mid-acquire");
+    // Another worker gets the one slot at once, not after the 10 s lease.
+    let other = worker(&redis, FleetConfig::default());
+    let started = tokio::time::Instant::now();
+    let response = ConcurrencyPerModelLayer::new(1)
+        .queue_timeout(Some(Duration::from_secs(5)))
+        .fleet(other)
+        .layer(client())
+        .oneshot(messages_request(&mock, MODEL))
+        .await
+        .unwrap();
+    response.into_body().collect().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the slot came back after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(mock.request_count(), 1);
+}

@@ -199,6 +199,13 @@ pub(super) async fn acquire(
             fleet.next_lease.fetch_add(1, Ordering::Relaxed)
         );
         fleet.acquires.fetch_add(1, Ordering::Relaxed);
+        // A call cancelled while the store answers may have been granted a
+        // slot nobody holds: released at once rather than left to expire.
+        let mut asking = Asking {
+            fleet,
+            key: &key,
+            holder: Some(&holder),
+        };
         let acquired = fleet
             .timed(
                 fleet
@@ -206,6 +213,7 @@ pub(super) async fn acquire(
                     .acquire(&key, cap.max(1), fleet.config.lease, &holder),
             )
             .await;
+        let _answered = asking.holder.take();
         match acquired {
             Ok(Acquired::Granted) => {
                 lock(&fleet.held)
@@ -249,6 +257,26 @@ pub(super) async fn acquire(
             // A lease the store granted but whose answer was lost is not
             // renewed: it expires within one lease.
             Err(error) => fleet.degrade(&error),
+        }
+    }
+}
+
+/// An acquire in flight: if dropped before the store answered (the call
+/// was cancelled), sends a release for its holder (harmless when the store
+/// granted nothing).
+struct Asking<'a> {
+    fleet: &'a Shared,
+    key: &'a str,
+    holder: Option<&'a String>,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        if let Some(holder) = self.holder.take() {
+            let _ = self
+                .fleet
+                .releases
+                .send((self.key.to_owned(), holder.clone()));
         }
     }
 }
