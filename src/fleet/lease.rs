@@ -213,7 +213,9 @@ pub(super) async fn acquire(
                     .acquire(&key, cap.max(1), fleet.config.lease, &holder),
             )
             .await;
-        let _answered = asking.holder.take();
+        // Answered: the slot is this call's (or nobody's) now.
+        asking.holder = None;
+        drop(asking);
         match acquired {
             Ok(Acquired::Granted) => {
                 lock(&fleet.held)
