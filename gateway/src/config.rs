@@ -76,6 +76,11 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How logs are written.
     pub log_format: LogFormat,
+    /// A Redis (or Valkey) server through which several gateways share their
+    /// per-model caps, retry quota, cooldowns and pacing (`redis://` or `rediss://`).
+    pub redis: Option<String>,
+    /// This gateway's share of the limits when Redis is unreachable (0 < share <= 1).
+    pub fleet_share: f64,
 }
 
 impl Default for Config {
@@ -98,6 +103,8 @@ impl Default for Config {
             max_body_bytes: API_MAX_BODY,
             shutdown_grace: Duration::from_secs(30),
             log_format: LogFormat::Text,
+            redis: None,
+            fleet_share: 1.0,
         }
     }
 }
@@ -250,6 +257,14 @@ pub struct Args {
     /// Log format [default: text].
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Share caps, retry quota, cooldowns and pacing with other gateways through this Redis
+    /// (`redis://host:6379/`) [default: none, each gateway alone].
+    #[arg(long, env = "GATEWAY_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
+    /// This gateway's share of the limits while Redis is unreachable, e.g. 0.25 for one of four
+    /// [default: 1].
+    #[arg(long, env = "GATEWAY_FLEET_SHARE", value_name = "SHARE")]
+    pub fleet_share: Option<f64>,
 }
 
 /// The TOML file: the flags' names with `_` for `-`, durations in seconds.
@@ -276,6 +291,8 @@ struct FileConfig {
     max_body_bytes: Option<usize>,
     shutdown_grace: Option<f64>,
     log_format: Option<LogFormat>,
+    redis: Option<String>,
+    fleet_share: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -394,6 +411,8 @@ impl Args {
             config.shutdown_grace = seconds("--shutdown-grace", secs)?;
         }
         set(&mut config.log_format, self.log_format, file.log_format);
+        config.redis = self.redis.clone().or(file.redis);
+        set(&mut config.fleet_share, self.fleet_share, file.fleet_share);
         config.validate()?;
         Ok(config)
     }
@@ -511,6 +530,19 @@ impl Config {
             return Err(ConfigError::new(format!(
                 "--max-header-bytes: {} is outside 1024..=1048576 (the SDKs send about 1 KiB)",
                 self.max_header_bytes
+            )));
+        }
+        if let Some(url) = &self.redis
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(ConfigError::new(format!(
+                "--redis {url}: takes a redis:// or rediss:// URL, for example --redis redis://127.0.0.1:6379/"
+            )));
+        }
+        if !(self.fleet_share > 0.0 && self.fleet_share <= 1.0) {
+            return Err(ConfigError::new(format!(
+                "--fleet-share {}: takes a share in (0, 1], for example 0.25 for one of four gateways",
+                self.fleet_share
             )));
         }
         if self.max_body_bytes == 0 || self.max_body_bytes > API_MAX_BODY {

@@ -17,6 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use tower::{Layer, Service, ServiceExt};
 use tower_overload::concurrency::{Aimd, ConcurrencyPerModelLayer};
 use tower_overload::fallback::{ModelFallbackLayer, ServedBy};
+use tower_overload::fleet::{Fleet, FleetConfig, RedisStore};
 use tower_overload::pacing::RateLimitPacingLayer;
 use tower_overload::retry::{RetryPolicy, RetryReport, StopReason, StreamGuard};
 use tower_overload::stack::{OverloadService, OverloadStack};
@@ -105,6 +106,22 @@ pub(crate) fn upstream_service(config: &Config) -> Upstream {
     );
     for chain in chains {
         fallback = fallback.chain(chain.iter().map(String::as_str));
+    }
+    // Several gateways share their state through Redis when told to; a
+    // Redis that is down never fails a call (each falls back to its share).
+    if let Some(url) = &config.redis {
+        match RedisStore::open(url) {
+            Ok(store) => {
+                let fleet = Fleet::new(store, FleetConfig::default().share(config.fleet_share));
+                concurrency = concurrency.fleet(fleet.clone());
+                retry = retry.fleet(&fleet);
+                pacing = pacing.fleet(fleet.clone());
+                fallback = fallback.fleet(fleet);
+            }
+            Err(error) => {
+                tracing::error!(%error, "--redis: not a usable URL; each gateway runs alone")
+            }
+        }
     }
     OverloadStack::new()
         .retry(retry)
