@@ -6,9 +6,9 @@
 
 #![cfg(all(feature = "redis", feature = "concurrency", feature = "retry"))]
 
-mod support;
 #[path = "support/redis.rs"]
 mod redis_server;
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -232,7 +232,6 @@ async fn a_garbage_key_never_fails_a_call() {
 /// end computes `taken + reuse` on an `Instant`: `Duration::MAX` (read "keep
 /// slots as long as you like") panics in `FleetLease`'s `Drop`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect 4: reuse(Duration::MAX) panics in FleetLease::drop"]
 async fn defect_4_a_huge_reuse_panics_when_a_call_ends() {
     let Some(redis) = RedisServer::start_or_skip() else {
         return;
@@ -255,7 +254,6 @@ async fn defect_4_a_huge_reuse_panics_when_a_call_ends() {
 /// exponent form, Redis refuses it, every acquire fails and the worker
 /// never shares its cap (every call local, a new episode per recheck).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect 5: lease(Duration::MAX) makes every acquire fail (PEXPIRE of a float)"]
 async fn defect_5_a_huge_lease_makes_every_acquire_fail() {
     let Some(redis) = RedisServer::start_or_skip() else {
         return;
@@ -276,7 +274,6 @@ async fn defect_5_a_huge_lease_makes_every_acquire_fail() {
 /// takes") is added to `Instant::now()` on the fleet path only: the call
 /// panics instead of waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect 6: queue_timeout(Some(Duration::MAX)) panics on the fleet path"]
 async fn defect_6_a_huge_queue_timeout_panics_on_the_fleet_path() {
     let Some(redis) = RedisServer::start_or_skip() else {
         return;
