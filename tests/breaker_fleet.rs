@@ -18,10 +18,12 @@ use support::{MockUpstream, Reply, client, messages_request};
 use tokio::task::JoinHandle;
 use tower::{Layer, ServiceExt};
 use tower_overload::concurrency::ConcurrencyPerModelLayer;
+use tower_overload::fallback::{Cooldown, ModelFallbackLayer};
 use tower_overload::fleet::{Fleet, FleetConfig, RedisStore};
 
 const OPUS: &str = "claude-opus-4-6";
 const HAIKU: &str = "claude-haiku-4-5";
+const SONNET: &str = "claude-sonnet-4-6";
 
 fn fleet_with(url: &str, config: FleetConfig) -> Fleet {
     Fleet::new(RedisStore::open(url).expect("a valid URL"), config)
@@ -308,4 +310,112 @@ async fn zero_share_lease_and_poll_are_clamped() {
     join_all(calls).await;
     assert_eq!(mock.request_count(), 10);
     assert!(mock.peak_in_flight(OPUS) <= 2);
+}
+
+// ------------------------------------------------------- shared breaker
+
+/// Defect 7: when a rest ends, the fleet's one probe goes to the first
+/// worker whose background sync asks, whether or not it has calls for the
+/// model; an idle worker (or one serving other routes) then holds the probe
+/// for `PROBE_TTL` (30 s) and every other worker skips the model all that
+/// time: a 500 ms rest becomes 30 s, and a recovered primary is not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect 7: an idle worker takes the fleet's probe and the model stays out for 30 s"]
+async fn defect_7_an_idle_worker_takes_the_probe_and_the_model_stays_out() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    mock.set_default(Reply::ok());
+    let cooldown = Cooldown {
+        overloads: 2,
+        window: Duration::from_secs(60),
+        cooldown: Duration::from_millis(500),
+        max_cooldown: Duration::from_millis(500),
+    };
+    let busy = ModelFallbackLayer::new([OPUS, SONNET])
+        .cooldown(cooldown)
+        .fleet(fleet(&redis.url(), 0.5));
+    // The idle worker syncs more often: it asks first when the rest ends.
+    let idle = ModelFallbackLayer::new([OPUS, SONNET])
+        .cooldown(cooldown)
+        .fleet(fleet_with(
+            &redis.url(),
+            FleetConfig::default()
+                .share(0.5)
+                .sync(Duration::from_millis(10)),
+        ));
+    let busy = busy.layer(client());
+    let idle = idle.layer(client());
+    idle.clone()
+        .oneshot(messages_request(&mock, OPUS))
+        .await
+        .unwrap();
+    mock.storm(OPUS, Duration::from_secs(30), Reply::overloaded());
+    for _ in 0..3 {
+        let _ = busy.clone().oneshot(messages_request(&mock, OPUS)).await;
+    }
+    let opened_at = Instant::now();
+    let before = requests_for(&mock, OPUS);
+    while opened_at.elapsed() < Duration::from_millis(2500) {
+        let _ = busy.clone().oneshot(messages_request(&mock, OPUS)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let probes = requests_for(&mock, OPUS) - before;
+    assert!(
+        probes >= 2,
+        "rests of 500 ms over 2.5 s: {probes} probes of the primary"
+    );
+}
+
+/// Held: two busy workers share one probe per rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_busy_workers_share_one_probe_per_rest() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    mock.set_default(Reply::ok());
+    let cooldown = Cooldown {
+        overloads: 2,
+        window: Duration::from_secs(60),
+        cooldown: Duration::from_millis(500),
+        max_cooldown: Duration::from_millis(500),
+    };
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            ModelFallbackLayer::new([OPUS, SONNET])
+                .cooldown(cooldown)
+                .fleet(fleet(&redis.url(), 0.5))
+                .layer(client())
+        })
+        .collect();
+    mock.storm(OPUS, Duration::from_secs(30), Reply::overloaded());
+    for worker in &workers {
+        for _ in 0..3 {
+            let _ = worker.clone().oneshot(messages_request(&mock, OPUS)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = requests_for(&mock, OPUS);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        for worker in &workers {
+            let _ = worker.clone().oneshot(messages_request(&mock, OPUS)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let probes = requests_for(&mock, OPUS) - before;
+    // One probe per 500 ms rest for the fleet, with room for sync lag.
+    assert!(
+        (2..=7).contains(&probes),
+        "{probes} probes in 2.5 s of 500 ms rests"
+    );
+}
+
+fn requests_for(mock: &MockUpstream, model: &str) -> usize {
+    mock.requests()
+        .iter()
+        .filter(|r| r.model.as_deref() == Some(model))
+        .count()
 }
