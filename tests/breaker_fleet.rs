@@ -17,9 +17,12 @@ use redis_server::RedisServer;
 use support::{MockUpstream, Reply, client, messages_request};
 use tokio::task::JoinHandle;
 use tower::{Layer, ServiceExt};
+use tower_overload::backoff::{Backoff, Jitter};
+use tower_overload::budget::RetryQuota;
 use tower_overload::concurrency::ConcurrencyPerModelLayer;
 use tower_overload::fallback::{Cooldown, ModelFallbackLayer};
 use tower_overload::fleet::{Fleet, FleetConfig, RedisStore};
+use tower_overload::retry::{ClassPolicy, OverloadRetryLayer, RetryPolicy};
 
 const OPUS: &str = "claude-opus-4-6";
 const HAIKU: &str = "claude-haiku-4-5";
@@ -418,4 +421,87 @@ fn requests_for(mock: &MockUpstream, model: &str) -> usize {
         .iter()
         .filter(|r| r.model.as_deref() == Some(model))
         .count()
+}
+
+// ------------------------------------------------------- retry quota
+
+fn hammering(policy: RetryPolicy) -> RetryPolicy {
+    let quick = Backoff::new(
+        Duration::from_millis(1),
+        Duration::from_millis(1),
+        Jitter::None,
+    );
+    policy
+        .budget(None)
+        .overloaded(ClassPolicy::new(3, quick))
+        .seed(7)
+}
+
+/// Defect 8: every policy of a worker shares its quota with the fleet under
+/// one name, `retry`, and the first registered wins: a background policy
+/// with a 1,000-token quota made after a foreground one with 10 tokens
+/// silently gets the foreground's 10 tokens (and costs), so foreground
+/// storms starve background retries, unlike the same policies without a
+/// fleet ("the store's `retry` quota, of the same capacity and costs").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect 8: two policies with different quotas get one fleet quota (the first one's)"]
+async fn defect_8_two_policies_with_different_quotas_get_the_first_ones() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    mock.set_default(Reply::overloaded());
+    let fleet = fleet(&redis.url(), 1.0);
+    let foreground = hammering(RetryPolicy::foreground())
+        .retry_quota(Some(RetryQuota::new(10, 5, 10)))
+        .fleet(&fleet);
+    let background = hammering(RetryPolicy::background())
+        .retry_quota(Some(RetryQuota::new(1000, 5, 10)))
+        .fleet(&fleet);
+    let foreground = OverloadRetryLayer::new(foreground).layer(client());
+    let background = OverloadRetryLayer::new(background).layer(client());
+    for _ in 0..5 {
+        let _ = foreground
+            .clone()
+            .oneshot(messages_request(&mock, OPUS))
+            .await;
+    }
+    let before = mock.request_count();
+    let _ = background.oneshot(messages_request(&mock, OPUS)).await;
+    let attempts = mock.request_count() - before;
+    assert_eq!(
+        attempts, 3,
+        "the background quota (1,000 tokens) was never spent, yet its call was not retried"
+    );
+}
+
+/// Held: two workers in a storm spend about one quota (4 retries of 5
+/// tokens in 20) for the fleet, not one each, within a view per worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_in_a_storm_spend_one_quota() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    mock.set_default(Reply::overloaded());
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let fleet = fleet(&redis.url(), 0.5);
+            let policy = hammering(RetryPolicy::foreground())
+                .retry_quota(Some(RetryQuota::new(20, 5, 10)))
+                .fleet(&fleet);
+            OverloadRetryLayer::new(policy).layer(client())
+        })
+        .collect();
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        for worker in &workers {
+            let _ = worker.clone().oneshot(messages_request(&mock, OPUS)).await;
+            calls += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let retries = mock.request_count() - calls;
+    assert!(retries <= 6, "{retries} retries for a fleet quota of 4");
 }
