@@ -639,3 +639,95 @@ async fn a_small_cap_keeps_its_local_share_with_the_store_down() {
     join_all(calls).await;
     assert!(peak <= 2, "{peak} in flight at once");
 }
+
+// ------------------------------------------------- crashes and cancellation
+
+/// Held: a worker whose runtime dies mid-stream (a crash: no release gets
+/// out) holds its slots for at most one lease; then another worker gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_workers_slots_free_within_one_lease() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    mock.set_default(Reply::slow_body(&["a"; 20], Duration::from_millis(500)));
+    let url = redis.url();
+    let request = || messages_request(&mock, OPUS);
+    let requests = [request(), request()];
+    let (crashed_tx, crashed_rx) = std::sync::mpsc::channel();
+    let crashing = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let config = FleetConfig::default().lease(Duration::from_secs(1));
+            let layer = ConcurrencyPerModelLayer::new(2).fleet(fleet_with(&url, config));
+            for request in requests {
+                let service = layer.layer(client());
+                tokio::spawn(async move {
+                    if let Ok(response) = service.oneshot(request).await {
+                        let _ = response.into_body().collect().await;
+                    }
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        });
+        runtime.shutdown_background();
+        crashed_tx.send(Instant::now()).unwrap();
+    });
+    let crashed_at = tokio::task::spawn_blocking(move || crashed_rx.recv().unwrap())
+        .await
+        .unwrap();
+    crashing.join().unwrap();
+    mock.set_default(Reply::ok());
+    let survivor = ConcurrencyPerModelLayer::new(2).fleet(fleet_with(
+        &redis.url(),
+        FleetConfig::default().lease(Duration::from_secs(1)),
+    ));
+    let call = spawn_call(&survivor, &mock, OPUS);
+    let call2 = spawn_call(&survivor, &mock, OPUS);
+    call.await.unwrap().unwrap();
+    call2.await.unwrap().unwrap();
+    let waited = crashed_at.elapsed();
+    assert!(
+        waited < Duration::from_millis(1500),
+        "slots freed {waited:?} after the crash"
+    );
+}
+
+/// Held: callers dropped while waiting for a fleet slot, and callers that
+/// drop their body mid-stream, leave nothing held: the other worker gets
+/// the whole cap at once, long before a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_callers_leave_no_slot_held() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    mock.set_default(long_body());
+    let fleet_a = fleet(&redis.url(), 0.5);
+    let a = ConcurrencyPerModelLayer::new(3).fleet(fleet_a.clone());
+    let b = ConcurrencyPerModelLayer::new(3).fleet(fleet(&redis.url(), 0.5));
+    let streaming: Vec<_> = (0..3).map(|_| spawn_call(&a, &mock, OPUS)).collect();
+    wait_in_flight(&mock, OPUS, 3).await;
+    // These wait for a fleet slot, then are cancelled at various points.
+    let waiting: Vec<_> = (0..6).map(|_| spawn_call(&b, &mock, OPUS)).collect();
+    for (i, call) in waiting.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(3 * i as u64)).await;
+        call.abort();
+    }
+    for call in &streaming {
+        call.abort();
+    }
+    mock.set_default(Reply::ok());
+    let started = Instant::now();
+    let calls: Vec<_> = (0..3).map(|_| spawn_call(&b, &mock, OPUS)).collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_millis(700));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fleet_a.snapshot().leases_held, 0);
+}
