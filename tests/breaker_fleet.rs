@@ -865,3 +865,70 @@ async fn defect_10_a_store_that_loses_answers_lets_the_fleet_exceed_the_cap() {
     let peak = through_a_flaky_store(&redis.url(), &mock).await;
     assert!(peak <= 4, "cap 4 for the fleet, {peak} in flight at once");
 }
+
+fn paced_workers(
+    url: &str,
+    rpm: u64,
+) -> Vec<
+    impl tower::Service<
+        http::Request<http_body_util::Full<bytes::Bytes>>,
+        Response = http::Response<tower_overload::pacing::PacedBody<hyper::body::Incoming>>,
+        Error = tower_overload::Error,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static,
+> {
+    let limits = PacingLimits {
+        requests_per_minute: Some(rpm),
+        input_tokens_per_minute: None,
+        output_tokens_per_minute: None,
+    };
+    (0..2)
+        .map(|_| {
+            RateLimitPacingLayer::new()
+                .limits_for(OPUS, limits)
+                .queue_timeout(Some(Duration::from_secs(3)))
+                .fleet(fleet(url, 0.5))
+                .layer(client())
+        })
+        .collect()
+}
+
+/// Defect 11: the fleet's buckets live only in the store; a store restart
+/// (no persistence) loses what the fleet spent this minute, the buckets
+/// come back full, and the fleet sends a second minute's budget at once:
+/// twice the RPM within a second, with every worker connected throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect 11: a store restart refills the fleet's pacing buckets: twice the budget in a second"]
+async fn defect_11_a_store_restart_refills_the_fleets_buckets() {
+    let Some(mut redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    mock.set_default(Reply::ok());
+    let workers = paced_workers(&redis.url(), 10);
+    let fire = |n: usize| -> Vec<JoinHandle<()>> {
+        (0..n)
+            .map(|i| {
+                let worker = workers[i % 2].clone();
+                let request = messages_request(&mock, OPUS);
+                tokio::spawn(async move {
+                    if let Ok(response) = worker.oneshot(request).await {
+                        let _ = response.into_body().collect().await;
+                    }
+                })
+            })
+            .collect()
+    };
+    let first = fire(12);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::task::block_in_place(|| redis.restart());
+    let second = fire(12);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let sent = mock.request_count();
+    for call in first.into_iter().chain(second) {
+        call.abort();
+    }
+    assert!(sent <= 11, "{sent} requests in 2 s for an RPM of 10");
+}
