@@ -226,7 +226,8 @@ where
         let deadline = limits
             .config
             .queue_timeout
-            .map(|timeout| tokio::time::Instant::now() + timeout);
+            // A timeout too long for an instant is no deadline (defect 6).
+            .and_then(|timeout| tokio::time::Instant::now().checked_add(timeout));
         let lease: Lease = Box::pin(async move { fleet.lease(&name, cap, deadline).await });
         return State::Leasing {
             leasing: Some(Box::new(Leasing {

@@ -159,8 +159,9 @@ impl FleetConfig {
         self
     }
 
-    /// How long a slot stays held without renewal (default 10 s): the
-    /// longest a crashed worker's slots stay taken. Renewed every third.
+    /// How long a slot stays held without renewal (default 10 s, from
+    /// 30 ms to a day): the longest a crashed worker's slots stay taken.
+    /// Renewed every third.
     ///
     /// ```
     /// # use std::time::Duration;
@@ -168,7 +169,9 @@ impl FleetConfig {
     /// let config = FleetConfig::default().lease(Duration::from_secs(5));
     /// ```
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease.max(Duration::from_millis(30));
+        // At most a day: the scripts do lease arithmetic in Lua doubles and
+        // Redis refuses an expiry it gets back in exponent form (defect 5).
+        self.lease = lease.clamp(Duration::from_millis(30), MAX_DURATION);
         self
     }
 
@@ -226,8 +229,9 @@ impl FleetConfig {
     }
 
     /// How long a worker may keep a slot it took from the fleet for its
-    /// next calls (default 500 ms; zero: never). A call that ends hands its
-    /// slot to the worker's next call with no store round trip; a slot
+    /// next calls (default 500 ms; zero: never; a day at most). A call that
+    /// ends hands its slot to the worker's next call with no store round
+    /// trip; a slot
     /// idle for a tick (20 ms) goes back, and every slot goes back to the
     /// fleet once this old, so a busy worker cannot keep slots others wait for.
     ///
@@ -237,7 +241,8 @@ impl FleetConfig {
     /// let config = FleetConfig::default().reuse(Duration::ZERO);
     /// ```
     pub fn reuse(mut self, reuse: Duration) -> Self {
-        self.reuse = reuse;
+        // Bounded: added to instants, which panic on overflow (defect 4).
+        self.reuse = reuse.min(MAX_DURATION);
         self
     }
 
@@ -350,6 +355,9 @@ pub(crate) trait SyncedBreaker: Send + Sync {
 /// How long a worker may hold the fleet's one probe of a model before
 /// another may take it (a crashed prober must not keep the model out).
 const PROBE_TTL: Duration = Duration::from_secs(30);
+
+/// The longest lease or reuse a config keeps (one day).
+const MAX_DURATION: Duration = Duration::from_secs(86_400);
 
 /// The most keys with a local fallback semaphore of their own; more share one.
 const MAX_LOCAL_KEYS: usize = 1024;
