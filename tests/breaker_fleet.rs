@@ -110,7 +110,7 @@ fn redis_set(url: &str, key: &str, value: &str) {
 /// first one's calls still stream: twice the cap in flight, with no worker
 /// ever cut off for a lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect 1: a store restart forgets held leases and the fleet runs twice the cap"]
+#[ignore = "defect 1, open: a restarted store has lost the leases until the next renewal (at most 1 s), and a call in that window can exceed the cap"]
 async fn defect_1_store_restart_forgets_held_leases_and_the_cap_doubles() {
     let Some(mut redis) = RedisServer::start_or_skip() else {
         return;
@@ -136,7 +136,6 @@ async fn defect_1_store_restart_forgets_held_leases_and_the_cap_doubles() {
 /// is handed out again in full on top of them. The module docs allow this
 /// only for a worker cut off for longer than a lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect 2: local calls from a short outage are not counted once the store is back"]
 async fn defect_2_calls_from_a_short_outage_exceed_the_cap_after_recovery() {
     let Some(mut redis) = RedisServer::start_or_skip() else {
         return;
@@ -193,7 +192,6 @@ async fn two_workers_hold_the_cap_without_faults() {
 /// unavailable" episode and warning per recheck, and the key (no TTL) never
 /// heals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect 3: a wrong-typed key makes the worker flap between store and local share forever"]
 async fn defect_3_a_garbage_key_makes_the_worker_flap_forever() {
     let Some(redis) = RedisServer::start_or_skip() else {
         return;
@@ -328,7 +326,6 @@ async fn zero_share_lease_and_poll_are_clamped() {
 /// for `PROBE_TTL` (30 s) and every other worker skips the model all that
 /// time: a 500 ms rest becomes 30 s, and a recovered primary is not found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect 7: an idle worker takes the fleet's probe and the model stays out for 30 s"]
 async fn defect_7_an_idle_worker_takes_the_probe_and_the_model_stays_out() {
     let Some(redis) = RedisServer::start_or_skip() else {
         return;
@@ -449,7 +446,6 @@ fn hammering(policy: RetryPolicy) -> RetryPolicy {
 /// storms starve background retries, unlike the same policies without a
 /// fleet ("the store's `retry` quota, of the same capacity and costs").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect 8: two policies with different quotas get one fleet quota (the first one's)"]
 async fn defect_8_two_policies_with_different_quotas_get_the_first_ones() {
     let Some(redis) = RedisServer::start_or_skip() else {
         return;
@@ -788,19 +784,25 @@ impl SharedStore for Flaky {
     fn sync_breaker<'a>(
         &'a self,
         key: &'a str,
+        probe_key: &'a str,
         holder: &'a str,
         event: Option<BreakerEvent>,
+        wants_probe: bool,
         probe_ttl: Duration,
     ) -> StoreFuture<'a, BreakerState> {
-        self.fate(self.inner.sync_breaker(key, holder, event, probe_ttl))
+        self.fate(
+            self.inner
+                .sync_breaker(key, probe_key, holder, event, wants_probe, probe_ttl),
+        )
     }
     fn sync_buckets<'a>(
         &'a self,
         key: &'a str,
+        needs_key: &'a str,
         holder: &'a str,
         sync: &'a BucketsSync,
     ) -> StoreFuture<'a, BucketsView> {
-        self.fate(self.inner.sync_buckets(key, holder, sync))
+        self.fate(self.inner.sync_buckets(key, needs_key, holder, sync))
     }
     fn ping(&self) -> StoreFuture<'_, ()> {
         self.fate(self.inner.ping())
@@ -974,7 +976,6 @@ async fn a_429_pause_reaches_every_worker() {
 /// the worker flaps between the store and its local share every recheck,
 /// for every model's cap, as long as the key is there (it has no TTL).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect 3: a garbage quota key makes the worker flap between store and local share forever"]
 async fn defect_3_a_garbage_quota_key_makes_the_worker_flap_too() {
     let Some(redis) = RedisServer::start_or_skip() else {
         return;

@@ -564,19 +564,23 @@ impl tower_overload::fleet::SharedStore for LateAnswers {
     fn sync_breaker<'a>(
         &'a self,
         key: &'a str,
+        probe_key: &'a str,
         holder: &'a str,
         event: Option<tower_overload::fleet::BreakerEvent>,
+        wants_probe: bool,
         probe_ttl: Duration,
     ) -> tower_overload::fleet::StoreFuture<'a, tower_overload::fleet::BreakerState> {
-        self.inner.sync_breaker(key, holder, event, probe_ttl)
+        self.inner
+            .sync_breaker(key, probe_key, holder, event, wants_probe, probe_ttl)
     }
     fn sync_buckets<'a>(
         &'a self,
         key: &'a str,
+        needs_key: &'a str,
         holder: &'a str,
         sync: &'a tower_overload::fleet::BucketsSync,
     ) -> tower_overload::fleet::StoreFuture<'a, tower_overload::fleet::BucketsView> {
-        self.inner.sync_buckets(key, holder, sync)
+        self.inner.sync_buckets(key, needs_key, holder, sync)
     }
     fn ping(&self) -> tower_overload::fleet::StoreFuture<'_, ()> {
         self.inner.ping()

@@ -102,6 +102,10 @@ pub(crate) struct Breaker {
     /// What the breaker did since the fleet last synced.
     #[cfg(feature = "redis")]
     event: Mutex<Option<crate::fleet::BreakerEvent>>,
+    /// A call was kept from the model after its rest ended, waiting for the
+    /// fleet's go to probe it.
+    #[cfg(feature = "redis")]
+    wants_probe: AtomicBool,
 }
 
 impl Breaker {
@@ -116,6 +120,8 @@ impl Breaker {
             fleet: None,
             #[cfg(feature = "redis")]
             event: Mutex::new(None),
+            #[cfg(feature = "redis")]
+            wants_probe: AtomicBool::new(false),
         }
     }
 
@@ -156,7 +162,11 @@ impl Breaker {
         match *state {
             State::Closed { .. } => Admission::Use,
             // Shared with a fleet: its sync picks the one worker that probes.
-            State::Open { until, .. } if now >= until && self.gated() => Admission::Skip,
+            State::Open { until, .. } if now >= until && self.gated() => {
+                #[cfg(feature = "redis")]
+                self.wants_probe.store(true, Ordering::Relaxed);
+                Admission::Skip
+            }
             State::Open { until, rest } if now >= until => {
                 *state = State::HalfOpen {
                     probing: true,
@@ -281,8 +291,9 @@ impl Breaker {
 
 #[cfg(feature = "redis")]
 impl crate::fleet::SyncedBreaker for Breaker {
-    fn take_event(&self) -> Option<crate::fleet::BreakerEvent> {
-        crate::sync::lock(&self.event).take()
+    fn take_event(&self) -> (Option<crate::fleet::BreakerEvent>, bool) {
+        let wants = self.wants_probe.swap(false, Ordering::Relaxed);
+        (crate::sync::lock(&self.event).take(), wants)
     }
 
     fn restore_event(&self, event: crate::fleet::BreakerEvent) {

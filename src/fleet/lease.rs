@@ -1,5 +1,6 @@
 //! [`FleetLease`]: a call's slot in the fleet's cap, given back when dropped.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -27,7 +28,15 @@ enum Held {
         /// When the fleet granted it: kept for later calls only so long.
         taken: Instant,
     },
-    Local(#[allow(dead_code)] OwnedSemaphorePermit),
+    /// A slot of the local share, under a holder name of its own: when the
+    /// store comes back while the call is still in flight, the lease is
+    /// written there, so the fleet counts it.
+    Local {
+        _permit: OwnedSemaphorePermit,
+        fleet: Arc<Shared>,
+        key: String,
+        holder: String,
+    },
 }
 
 impl FleetLease {
@@ -55,6 +64,25 @@ pub(super) const IDLE_TICK: Duration = Duration::from_millis(20);
 
 impl Drop for FleetLease {
     fn drop(&mut self) {
+        if let Held::Local {
+            fleet, key, holder, ..
+        } = &mut self.held
+        {
+            let (key, holder) = (std::mem::take(key), std::mem::take(holder));
+            let mut local = lock(&fleet.local_held);
+            let was_local = local
+                .get_mut(key.as_str())
+                .is_some_and(|holders| holders.remove(holder.as_str()));
+            if local.get(key.as_str()).is_some_and(HashSet::is_empty) {
+                local.remove(key.as_str());
+            }
+            drop(local);
+            if !was_local {
+                // Written to the store when it came back: released there.
+                give_back(fleet, key, holder);
+            }
+            return;
+        }
         let Held::Shared {
             fleet,
             key,
@@ -172,7 +200,12 @@ impl fmt::Debug for FleetLease {
                 .field("key", key)
                 .field("holder", holder)
                 .finish(),
-            Held::Local(_) => f.debug_struct("FleetLease").field("local", &true).finish(),
+            Held::Local { key, holder, .. } => f
+                .debug_struct("FleetLease")
+                .field("key", key)
+                .field("holder", holder)
+                .field("local", &true)
+                .finish(),
         }
     }
 }
@@ -213,8 +246,12 @@ pub(super) async fn acquire(
                     .acquire(&key, cap.max(1), fleet.config.lease, &holder),
             )
             .await;
-        // Answered: the slot is this call's (or nobody's) now.
-        asking.holder = None;
+        // Answered: the slot is this call's (or nobody's) now. Unanswered
+        // (timed out), the store may still have granted it: the guard
+        // releases it.
+        if acquired.is_ok() {
+            asking.holder = None;
+        }
         drop(asking);
         match acquired {
             Ok(Acquired::Granted) => {
@@ -298,7 +335,31 @@ async fn local(
     }
     .ok()?;
     fleet.local_calls.fetch_add(1, Ordering::Relaxed);
+    let holder = format!(
+        "{}:{}",
+        fleet.worker,
+        fleet.next_lease.fetch_add(1, Ordering::Relaxed)
+    );
+    lock(&fleet.local_held)
+        .entry(key.to_owned())
+        .or_default()
+        .insert(holder.clone());
     Some(FleetLease {
-        held: Held::Local(permit),
+        held: Held::Local {
+            _permit: permit,
+            fleet: Arc::clone(fleet),
+            key: key.to_owned(),
+            holder,
+        },
     })
+}
+
+/// The store is back: the calls still in flight on the local share become
+/// leases to renew (the renewal writes them), so the fleet counts them.
+pub(super) fn promote_local(fleet: &Shared) {
+    let local: Vec<(String, HashSet<String>)> = lock(&fleet.local_held).drain().collect();
+    let mut held = lock(&fleet.held);
+    for (key, holders) in local {
+        held.entry(key).or_default().extend(holders);
+    }
 }

@@ -35,12 +35,16 @@
 //!
 //! - **Slots.** A call holds a lease on one of the model's slots in the
 //!   store for as long as its response body is alive; the worker renews its
-//!   leases every third of the lease time. A worker that crashes or loses
-//!   the store stops renewing, and its slots free themselves within one
-//!   lease (default 10 s). So the fleet never has more than the cap in
-//!   flight, except for a worker cut off from the store for longer than a
-//!   lease, whose calls then count only against its local share (and,
-//!   once the store is back, until those calls end).
+//!   leases every third of the lease time (at most every second), writing
+//!   back any the store lost. A worker that crashes stops renewing, and its
+//!   slots free themselves within one lease (default 10 s). While the store
+//!   is down, calls count against the worker's local share; when it comes
+//!   back, the calls still in flight are written to it before any call asks
+//!   it again. So the fleet never has more than the cap in flight, except
+//!   while the store is down (each worker's share) and for up to a second
+//!   after a restart that no call noticed (the leases are written back at
+//!   the next renewal). A restart also refills the pacing buckets, until
+//!   the responses' `remaining` headers correct them.
 //! - **Fairness.** Within a worker, calls take slots first come, first
 //!   served (the layer's own queue). Across workers a freed slot goes to the
 //!   first worker to ask after it was freed: each waiting worker asks again
@@ -314,6 +318,8 @@ pub(crate) struct Shared {
     acquires: AtomicU64,
     /// Leases held, by store key: what the background task renews.
     held: Mutex<HashMap<String, HashSet<String>>>,
+    /// Slots of the local share in use (the store was down), by key.
+    local_held: Mutex<HashMap<String, HashSet<String>>>,
     /// Leases whose call ended, kept for this worker's next call, by key.
     idle: Mutex<HashMap<String, Vec<lease::Idle>>>,
     reused: AtomicU64,
@@ -324,10 +330,14 @@ pub(crate) struct Shared {
     local: Mutex<HashMap<String, Arc<Semaphore>>>,
     quotas: Mutex<Vec<QuotaSync>>,
     /// Breakers synced with the fleet's, by store key.
-    breakers: Mutex<Vec<(String, Weak<dyn SyncedBreaker>)>>,
+    breakers: Mutex<Vec<Registered<dyn SyncedBreaker>>>,
     /// Pacing keys synced with the fleet's buckets, by store key.
-    buckets: Mutex<Vec<(String, Weak<dyn SyncedBuckets>)>>,
+    buckets: Mutex<Vec<Registered<dyn SyncedBuckets>>>,
 }
+
+/// A state synced with the fleet: its two store keys (the state's and its
+/// probe's or needs'), and the state while it lives.
+type Registered<T> = ((String, String), Weak<T>);
 
 /// A pacing key whose buckets the fleet shares.
 pub(crate) trait SyncedBuckets: Send + Sync {
@@ -343,8 +353,9 @@ pub(crate) trait SyncedBuckets: Send + Sync {
 
 /// A breaker whose state the fleet shares (the fallback layer's cooldowns).
 pub(crate) trait SyncedBreaker: Send + Sync {
-    /// What it did since the last sync, taken.
-    fn take_event(&self) -> Option<BreakerEvent>;
+    /// What it did since the last sync, taken, and whether a call of this
+    /// worker was kept from the model since (it wants to probe it).
+    fn take_event(&self) -> (Option<BreakerEvent>, bool);
     /// Puts back an event whose sync failed (unless a newer one is there).
     fn restore_event(&self, event: BreakerEvent);
     /// Follows the fleet's state; `hold` is how long to keep skipping a
@@ -395,6 +406,7 @@ impl Fleet {
             waits: AtomicU64::new(0),
             acquires: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
+            local_held: Mutex::new(HashMap::new()),
             idle: Mutex::new(HashMap::new()),
             reused: AtomicU64::new(0),
             releases,
@@ -473,15 +485,23 @@ impl Fleet {
     /// Shares `breaker` (the cooldown of `model`) with the fleet.
     #[cfg_attr(not(feature = "fallback"), allow(dead_code))]
     pub(crate) fn register_breaker(&self, model: &str, breaker: Weak<dyn SyncedBreaker>) {
-        let key = self.shared.key("breaker", model);
-        lock(&self.shared.breakers).push((key, breaker));
+        // Each kind of state has its own namespace: no model name can make
+        // one key stand for another's (`X:probe` is a model, not X's probe).
+        let keys = (
+            self.shared.key("breaker", model),
+            self.shared.key("probe", model),
+        );
+        lock(&self.shared.breakers).push((keys, breaker));
     }
 
     /// Shares the buckets of the pacing key `name` with the fleet.
     #[cfg_attr(not(feature = "pacing"), allow(dead_code))]
     pub(crate) fn register_buckets(&self, name: &str, buckets: Weak<dyn SyncedBuckets>) {
-        let key = self.shared.key("pacing", name);
-        lock(&self.shared.buckets).push((key, buckets));
+        let keys = (
+            self.shared.key("pacing", name),
+            self.shared.key("needs", name),
+        );
+        lock(&self.shared.buckets).push((keys, buckets));
     }
 
     /// This worker's share of the fleet's limits.
@@ -630,8 +650,10 @@ fn worker_name() -> String {
 /// syncs, and rechecks of a store that failed. Ends with the last handle.
 async fn background(shared: Weak<Shared>, mut releases: mpsc::UnboundedReceiver<(String, String)>) {
     let (renew_every, sync_every, recheck_every) = match shared.upgrade() {
+        // At most a second: a store that restarts without a failed call to
+        // show it has lost the leases until the next renewal writes them back.
         Some(shared) => (
-            shared.config.lease / 3,
+            (shared.config.lease / 3).min(Duration::from_secs(1)),
             shared.config.sync,
             shared.config.recheck,
         ),
@@ -645,6 +667,9 @@ async fn background(shared: Weak<Shared>, mut releases: mpsc::UnboundedReceiver<
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut renewed, mut synced, mut rechecked) = (Instant::now(), Instant::now(), Instant::now());
+    // Releases that could not be sent while the store was down: sent once it
+    // is back, so no slot stays taken for a whole lease after a short outage.
+    let mut unsent: HashMap<String, Vec<String>> = HashMap::new();
     loop {
         tokio::select! {
             first = releases.recv() => {
@@ -656,14 +681,11 @@ async fn background(shared: Weak<Shared>, mut releases: mpsc::UnboundedReceiver<
                     batch.entry(key).or_default().push(holder);
                 }
                 if shared.is_degraded() {
-                    // Unreachable: the leases expire on their own within one lease.
+                    merge(&mut unsent, batch);
                     continue;
                 }
-                for (key, holders) in &batch {
-                    if let Err(error) = shared.timed(shared.store.release(key, holders)).await {
-                        shared.degrade(&error);
-                        break;
-                    }
+                if let Err(batch) = send_releases(&shared, batch).await {
+                    merge(&mut unsent, batch);
                 }
             }
             _ = ticker.tick() => {
@@ -674,7 +696,14 @@ async fn background(shared: Weak<Shared>, mut releases: mpsc::UnboundedReceiver<
                         rechecked = now;
                         recheck(&shared).await;
                     }
-                    continue;
+                    if shared.is_degraded() {
+                        continue;
+                    }
+                }
+                if !unsent.is_empty()
+                    && let Err(batch) = send_releases(&shared, std::mem::take(&mut unsent)).await
+                {
+                    unsent = batch;
                 }
                 lease::release_idle(&shared, now);
                 if now.duration_since(renewed) >= renew_every {
@@ -692,18 +721,54 @@ async fn background(shared: Weak<Shared>, mut releases: mpsc::UnboundedReceiver<
     }
 }
 
+/// Sends a batch of releases; gives back what was not sent when the store fails.
+async fn send_releases(
+    shared: &Shared,
+    batch: HashMap<String, Vec<String>>,
+) -> Result<(), HashMap<String, Vec<String>>> {
+    let mut keys: Vec<String> = batch.keys().cloned().collect();
+    while let Some(key) = keys.pop() {
+        let holders = &batch[&key];
+        if let Err(error) = shared.timed(shared.store.release(&key, holders)).await {
+            shared.degrade(&error);
+            keys.push(key);
+            let left = keys
+                .into_iter()
+                .filter_map(|key| batch.get(&key).map(|holders| (key, holders.clone())))
+                .collect();
+            return Err(left);
+        }
+    }
+    Ok(())
+}
+
+/// Adds `more` to the releases waiting for the store (bounded: a store
+/// down for long lets leases expire on their own instead).
+fn merge(unsent: &mut HashMap<String, Vec<String>>, more: HashMap<String, Vec<String>>) {
+    const MOST: usize = 100_000;
+    let held: usize = unsent.values().map(Vec::len).sum();
+    if held >= MOST {
+        return;
+    }
+    for (key, holders) in more {
+        unsent.entry(key).or_default().extend(holders);
+    }
+}
+
 async fn recheck(shared: &Shared) {
     if shared.timed(shared.store.ping()).await.is_ok() {
         // Slots kept before the outage may have expired: not reused.
         lease::give_back_idle(shared);
+        // Before any call asks the store again: the calls begun on the local
+        // share and the leases from before the outage (which may have
+        // expired) are written back, so the fleet counts every call in flight.
+        lease::promote_local(shared);
+        renew(shared).await;
         shared.degraded.store(false, Ordering::Release);
         tracing::info!(
             target: "tower_overload::fleet",
             "fleet store available again: limits are shared again"
         );
-        // Leases held from before the outage may have expired: renew what
-        // is still there at once.
-        renew(shared).await;
     }
 }
 
@@ -718,12 +783,12 @@ async fn renew(shared: &Shared) {
             .timed(shared.store.renew(&key, &holders, shared.config.lease))
             .await
         {
-            Ok(still) if (still as usize) < holders.len() => {
-                tracing::debug!(
+            Ok(back) if back > 0 => {
+                tracing::info!(
                     target: "tower_overload::fleet",
                     key,
-                    lost = holders.len() - still as usize,
-                    "fleet leases expired before renewal"
+                    back,
+                    "fleet leases the store had lost were brought back"
                 );
             }
             Ok(_) => {}
@@ -736,7 +801,7 @@ async fn renew(shared: &Shared) {
 }
 
 async fn sync_breakers(shared: &Shared) {
-    let breakers: Vec<(String, Arc<dyn SyncedBreaker>)> = {
+    let breakers: Vec<((String, String), Arc<dyn SyncedBreaker>)> = {
         let mut registered = lock(&shared.breakers);
         registered.retain(|(_, breaker)| breaker.strong_count() > 0);
         registered
@@ -746,14 +811,17 @@ async fn sync_breakers(shared: &Shared) {
     };
     // Until the next sync, with room for a slow one.
     let hold = shared.config.sync * 3;
-    for (key, breaker) in breakers {
-        let event = breaker.take_event();
+    for ((key, probe_key), breaker) in breakers {
+        let (event, wants_probe) = breaker.take_event();
         match shared
-            .timed(
-                shared
-                    .store
-                    .sync_breaker(&key, &shared.worker, event, PROBE_TTL),
-            )
+            .timed(shared.store.sync_breaker(
+                &key,
+                &probe_key,
+                &shared.worker,
+                event,
+                wants_probe,
+                PROBE_TTL,
+            ))
             .await
         {
             Ok(state) => breaker.apply(state, hold),
@@ -769,7 +837,7 @@ async fn sync_breakers(shared: &Shared) {
 }
 
 async fn sync_buckets(shared: &Shared) {
-    let keys: Vec<(String, Arc<dyn SyncedBuckets>)> = {
+    let keys: Vec<((String, String), Arc<dyn SyncedBuckets>)> = {
         let mut registered = lock(&shared.buckets);
         registered.retain(|(_, buckets)| buckets.strong_count() > 0);
         registered
@@ -777,14 +845,18 @@ async fn sync_buckets(shared: &Shared) {
             .filter_map(|(key, buckets)| Some((key.clone(), buckets.upgrade()?)))
             .collect()
     };
-    for (key, buckets) in keys {
+    for ((key, needs_key), buckets) in keys {
         let sync = buckets.take_sync(shared.config.share);
         // A key with no limit known yet (say `<other>`) has nothing to share.
         if sync.buckets.iter().all(Option::is_none) && sync.pause.is_zero() {
             continue;
         }
         match shared
-            .timed(shared.store.sync_buckets(&key, &shared.worker, &sync))
+            .timed(
+                shared
+                    .store
+                    .sync_buckets(&key, &needs_key, &shared.worker, &sync),
+            )
             .await
         {
             Ok(view) => buckets.apply(view),

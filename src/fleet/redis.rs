@@ -15,7 +15,11 @@ use super::store::{
 /// The server's clock in milliseconds, inside a script: every worker's
 /// leases expire by the same clock, whatever the workers' clocks say.
 const NOW_MS: &str = "local t = redis.call('TIME') \
-     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) ";
+     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) \
+     local function expect(key, kind) \
+       local found = redis.call('TYPE', key).ok \
+       if found ~= 'none' and found ~= kind then redis.call('DEL', key) end \
+     end ";
 
 /// KEYS[1]: the semaphore (a sorted set: holder -> lease expiry in ms).
 /// ARGV: cap, lease ms, holder. Drops expired leases, then takes a slot, or
@@ -23,6 +27,7 @@ const NOW_MS: &str = "local t = redis.call('TIME') \
 const ACQUIRE: &str = "
 local cap = tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
+expect(KEYS[1], 'zset')
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) < cap then
   redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
@@ -34,22 +39,27 @@ return {0, math.max(0, tonumber(first[2]) - now)}
 ";
 
 /// KEYS[1]: the semaphore. ARGV: lease ms, holders... Extends the leases
-/// still held (XX: an expired one is not brought back); how many.
+/// of calls still alive, bringing back any the store lost (a restart, an
+/// outage longer than a lease): they are still in flight and must count.
+/// Answers how many had to be brought back.
 const RENEW: &str = "
 local lease = tonumber(ARGV[1])
-local held = 0
+expect(KEYS[1], 'zset')
+local back = 0
 for i = 2, #ARGV do
-  held = held + redis.call('ZADD', KEYS[1], 'XX', 'CH', now + lease, ARGV[i])
+  back = back + redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], lease * 2)
-return held
+return back
 ";
 
 /// KEYS[1]: a token counter. ARGV: capacity, delta. Starts full; clamped
 /// to 0..=capacity.
 const ADD_TOKENS: &str = "
 local cap = tonumber(ARGV[1])
-local held = tonumber(redis.call('GET', KEYS[1]) or cap)
+local found = redis.call('TYPE', KEYS[1]).ok
+if found ~= 'none' and found ~= 'string' then redis.call('DEL', KEYS[1]) end
+local held = tonumber(redis.call('GET', KEYS[1])) or cap
 local after = math.max(0, math.min(cap, held + tonumber(ARGV[2])))
 redis.call('SET', KEYS[1], after)
 return after
@@ -60,6 +70,8 @@ return after
 /// holder, probe ttl ms. Answers {state, remaining or mine, rest}: 0 closed,
 /// 1 open, 2 half-open (mine 1 when the holder may probe).
 const SYNC_BREAKER: &str = "
+expect(KEYS[1], 'hash')
+expect(KEYS[2], 'string')
 if ARGV[1] == 'open' then
   local rest = tonumber(ARGV[2])
   local untl = now + rest
@@ -75,7 +87,7 @@ if untl < 0 then return {0, 0, 0} end
 local rest = tonumber(redis.call('HGET', KEYS[1], 'rest') or '0')
 if now < untl then return {1, untl - now, rest} end
 local owner = redis.call('GET', KEYS[2])
-if not owner then
+if not owner and ARGV[5] == '1' then
   redis.call('SET', KEYS[2], ARGV[3], 'PX', tonumber(ARGV[4]))
   owner = ARGV[3]
 end
@@ -89,6 +101,8 @@ return {2, 0, rest}
 /// per bucket: capacity (0: none), period ms, returned, remaining (-1:
 /// none), need. Answers the tokens lent, in thousandths, and the pause left.
 const SYNC_BUCKETS: &str = "
+expect(KEYS[1], 'hash')
+expect(KEYS[2], 'hash')
 local worker = ARGV[1]
 local pause = tonumber(ARGV[2])
 local since = tonumber(ARGV[3])
@@ -330,8 +344,10 @@ impl SharedStore for RedisStore {
     fn sync_breaker<'a>(
         &'a self,
         key: &'a str,
+        probe_key: &'a str,
         holder: &'a str,
         event: Option<BreakerEvent>,
+        wants_probe: bool,
         probe_ttl: Duration,
     ) -> StoreFuture<'a, BreakerState> {
         let mut connection = self.connection.clone();
@@ -345,11 +361,12 @@ impl SharedStore for RedisStore {
                 .scripts
                 .sync_breaker
                 .key(key)
-                .key(format!("{key}:probe"))
+                .key(probe_key)
                 .arg(kind)
                 .arg(millis(rest))
                 .arg(holder)
                 .arg(millis(probe_ttl))
+                .arg(if wants_probe { "1" } else { "0" })
                 .invoke_async(&mut connection)
                 .await
                 .map_err(failed)?;
@@ -371,13 +388,14 @@ impl SharedStore for RedisStore {
     fn sync_buckets<'a>(
         &'a self,
         key: &'a str,
+        needs_key: &'a str,
         holder: &'a str,
         sync: &'a BucketsSync,
     ) -> StoreFuture<'a, BucketsView> {
         let mut connection = self.connection.clone();
         Box::pin(async move {
             let mut invocation = self.scripts.sync_buckets.key(key);
-            invocation.key(format!("{key}:needs"));
+            invocation.key(needs_key);
             let (need, since) = sync.need.unwrap_or(([0; 3], 0));
             invocation
                 .arg(holder)

@@ -37,10 +37,10 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 ///     fn add_tokens<'a>(&'a self, _: &'a str, _: u32, _: i64) -> StoreFuture<'a, u32> {
 ///         Box::pin(async { Err(StoreError::new("down")) })
 ///     }
-///     fn sync_breaker<'a>(&'a self, _: &'a str, _: &'a str, _: Option<BreakerEvent>, _: Duration) -> StoreFuture<'a, BreakerState> {
+///     fn sync_breaker<'a>(&'a self, _: &'a str, _: &'a str, _: &'a str, _: Option<BreakerEvent>, _: bool, _: Duration) -> StoreFuture<'a, BreakerState> {
 ///         Box::pin(async { Err(StoreError::new("down")) })
 ///     }
-///     fn sync_buckets<'a>(&'a self, _: &'a str, _: &'a str, _: &'a BucketsSync) -> StoreFuture<'a, BucketsView> {
+///     fn sync_buckets<'a>(&'a self, _: &'a str, _: &'a str, _: &'a str, _: &'a BucketsSync) -> StoreFuture<'a, BucketsView> {
 ///         Box::pin(async { Err(StoreError::new("down")) })
 ///     }
 ///     fn ping(&self) -> StoreFuture<'_, ()> {
@@ -60,8 +60,9 @@ pub trait SharedStore: fmt::Debug + Send + Sync + 'static {
         holder: &'a str,
     ) -> StoreFuture<'a, Acquired>;
 
-    /// Extends the leases of `holders` on `key` by `lease` from now; the
-    /// number still held (a lease that expired is not brought back).
+    /// Extends the leases of `holders` on `key` by `lease` from now, bringing
+    /// back any the store lost (their calls are still in flight); how many
+    /// had to be brought back.
     fn renew<'a>(
         &'a self,
         key: &'a str,
@@ -80,12 +81,16 @@ pub trait SharedStore: fmt::Debug + Send + Sync + 'static {
     /// Publishes `event` (this worker's breaker for `key` opened, or its
     /// probe succeeded) and answers the fleet's breaker state; when the
     /// rest is over, the one worker allowed to probe is told so
-    /// (`probe_is_yours`), holding the probe for `probe_ttl` at most.
+    /// (`probe_is_yours`), holding the probe for `probe_ttl` at most. Only a
+    /// worker that `wants_probe` (a call of its own is waiting for the
+    /// model) may take the probe: an idle worker would keep it from others.
     fn sync_breaker<'a>(
         &'a self,
         key: &'a str,
+        probe_key: &'a str,
         holder: &'a str,
         event: Option<BreakerEvent>,
+        wants_probe: bool,
         probe_ttl: Duration,
     ) -> StoreFuture<'a, BreakerState>;
 
@@ -100,6 +105,7 @@ pub trait SharedStore: fmt::Debug + Send + Sync + 'static {
     fn sync_buckets<'a>(
         &'a self,
         key: &'a str,
+        needs_key: &'a str,
         holder: &'a str,
         sync: &'a BucketsSync,
     ) -> StoreFuture<'a, BucketsView>;

@@ -497,7 +497,7 @@ impl RetryPolicy {
     }
 
     /// Shares the policy's retry quota with the whole fleet (the store's
-    /// `retry` quota, of the same capacity and costs): a storm costs the
+    /// quota of the same capacity and costs, named by them): a storm costs the
     /// fleet one quota, not one per worker. A policy without a quota (or
     /// with a budget) is unchanged. See [`crate::fleet`] for what holds
     /// between syncs and when the store is down.
@@ -515,8 +515,11 @@ impl RetryPolicy {
     pub fn fleet(mut self, fleet: &crate::fleet::Fleet) -> Self {
         if let Some(Rationing::Quota(quota)) = &self.rationing {
             let (capacity, retry_cost, timeout_cost) = quota.parameters();
+            // Named by its parameters: policies with different quotas (a
+            // foreground and a background one) share nothing.
+            let name = format!("retry-{capacity}-{retry_cost}-{timeout_cost}");
             self.rationing = Some(Rationing::Quota(fleet.retry_quota(
-                "retry",
+                &name,
                 capacity,
                 retry_cost,
                 timeout_cost,
