@@ -10,8 +10,8 @@
 //! Settings (environment): `FLEET_REDIS`, `FLEET_UPSTREAM` (required),
 //! `FLEET_CALLS` (200), `FLEET_PARALLEL` (8), `FLEET_CAP` (8),
 //! `FLEET_SHARE` (0.25), `FLEET_LEASE_MS` (10000), `FLEET_MODEL`
-//! (claude-opus-4-6), `FLEET_LOCAL=1` to use each worker's own state instead
-//! of the fleet's (the comparison run).
+//! (claude-opus-4-6), `FLEET_OP_TIMEOUT_MS` (100), `FLEET_LOCAL=1` to use each
+//! worker's own state instead of the fleet's (the comparison run).
 
 use std::time::{Duration, Instant};
 
@@ -45,10 +45,14 @@ async fn main() {
     let lease = Duration::from_millis(setting("FLEET_LEASE_MS", 10_000));
     let model: String = setting("FLEET_MODEL", "claude-opus-4-6".to_owned());
     let local = std::env::var_os("FLEET_LOCAL").is_some();
+    let op_timeout = Duration::from_millis(setting("FLEET_OP_TIMEOUT_MS", 100));
 
     let fleet = Fleet::new(
         RedisStore::open(&redis).expect("a Redis URL"),
-        FleetConfig::default().share(share).lease(lease),
+        FleetConfig::default()
+            .share(share)
+            .lease(lease)
+            .op_timeout(op_timeout),
     );
     // Fast retries: what is shared (the quota) is what this worker shows.
     let policy = RetryPolicy::foreground()

@@ -56,6 +56,10 @@ fn spawn(redis: &RedisServer, mock: &MockUpstream, run: &Run) -> Child {
         .env("FLEET_SHARE", "0.25")
         .env("FLEET_LEASE_MS", run.lease_ms.to_string())
         .env("FLEET_MODEL", MODEL)
+        // Generous: four processes, Redis and the mock share a loaded CI
+        // machine, and a timed-out store call would send a worker to its
+        // local share (tested in tests/fleet.rs), not what is measured here.
+        .env("FLEET_OP_TIMEOUT_MS", "2000")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if run.local {
