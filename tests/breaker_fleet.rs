@@ -564,7 +564,6 @@ async fn two_workers_pace_within_the_fleets_budget() {
 /// fleet 4. (And when the first overflowing model has cap 1, thousands of
 /// models share a single slot per worker.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect 9: past 1,024 models, degraded workers share one local semaphore sized by another model's cap"]
 async fn defect_9_many_models_overflow_the_local_share_of_a_small_cap() {
     let mock = MockUpstream::start().await;
     mock.set_default(Reply::ok());

@@ -370,7 +370,8 @@ const PROBE_TTL: Duration = Duration::from_secs(30);
 /// The longest lease or reuse a config keeps (one day).
 const MAX_DURATION: Duration = Duration::from_secs(86_400);
 
-/// The most keys with a local fallback semaphore of their own; more share one.
+/// The most keys with a local fallback semaphore of their own; more share one
+/// per local size.
 const MAX_LOCAL_KEYS: usize = 1024;
 
 /// A retry quota kept in step with the fleet's.
@@ -565,16 +566,17 @@ impl Shared {
     /// store is down: the worker's share of it.
     fn local_semaphore(&self, key: &str, cap: u32) -> Arc<Semaphore> {
         let mut local = lock(&self.local);
-        let full = local.len() >= MAX_LOCAL_KEYS;
-        let entry_key = if full && !local.contains_key(key) {
-            "<other>"
-        } else {
-            key
-        };
         let permits = self.config.scaled(cap) as usize;
+        // Past the bound, keys share a semaphore of their own size: a key
+        // never borrows a larger key's share.
+        let entry_key = if local.len() >= MAX_LOCAL_KEYS && !local.contains_key(key) {
+            format!("<other:{permits}>")
+        } else {
+            key.to_owned()
+        };
         Arc::clone(
             local
-                .entry(entry_key.to_owned())
+                .entry(entry_key)
                 .or_insert_with(|| Arc::new(Semaphore::new(permits))),
         )
     }
